@@ -1,0 +1,345 @@
+"""Training: the TrainState, compiled train/eval programs, the fit loop and checkpoints.
+
+A whole epoch is one compiled call: the training split lives on the device and the epoch's
+shuffled batch indices (from `evoprune.data.epoch_permutation`) are scanned with `lax.scan`,
+so there is no host round-trip or Python dispatch per step. The optimizer may be any optax
+`GradientTransformation`, including `evoprune.Pruner.wrap(...)`, whose masks live in the
+optimizer state: checkpointing and resuming need nothing special for pruning.
+"""
+
+import dataclasses
+import functools
+import json
+import os
+import pathlib
+import time
+from typing import Any, Callable, Iterable
+
+from absl import logging
+import flax
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import orbax.checkpoint as ocp
+import tqdm
+
+from evoprune import data as data_lib
+from evoprune.types import Params
+
+
+class NonFiniteLossError(FloatingPointError):
+  """Training produced a NaN/Inf loss; the last good checkpoint is kept."""
+
+
+@flax.struct.dataclass
+class TrainState:
+  """Everything a run needs to continue: a pytree of arrays, checkpointed as a whole.
+
+  Attributes:
+    step: int32 scalar, optimizer steps taken.
+    params: the model parameters.
+    batch_stats: batch-norm statistics (`{}` for models without batch norm).
+    opt_state: the optimizer state (the pruner's masks and importance live here).
+    rng: uint32 key data of the run's base key (raw data, so orbax checkpoints it as a
+      plain array); per-step keys are `fold_in(key, step)`.
+  """
+  step: jax.Array
+  params: Params
+  batch_stats: Any
+  opt_state: optax.OptState
+  rng: jax.Array
+
+  @property
+  def key(self) -> jax.Array:
+    return jax.random.wrap_key_data(self.rng)
+
+
+def create_train_state(model: nn.Module, tx: optax.GradientTransformation, key: jax.Array,
+                       example_x: jax.Array) -> TrainState:
+  """Initialises params (and batch stats) from `key` and the optimizer state from `tx`."""
+  init_key, dropout_key, run_key = jax.random.split(key, 3)
+  variables = model.init({"params": init_key, "dropout": dropout_key}, example_x, train=False)
+  params = variables["params"]
+  return TrainState(
+      step=jnp.zeros((), jnp.int32), params=params,
+      batch_stats=variables.get("batch_stats", {}), opt_state=tx.init(params),
+      rng=jax.random.key_data(run_key))
+
+
+# ----------------------------------------------------------------------------- optimizers
+
+OPTIMIZERS = ("sgd", "adam", "adamw")
+LR_SCHEDULES = ("constant", "cosine", "step", "linear")
+
+
+def learning_rate_schedule(name: str, base: float, total_steps: int, *,
+                           warmup_steps: int = 0, step_boundaries: Iterable[float] = (0.5, 0.75),
+                           step_factor: float = 0.1) -> optax.Schedule:
+  """An optax learning-rate schedule by name, with optional linear warm-up.
+
+  `step` decays by `step_factor` at the given fractions of training (0.5 and 0.75 by default).
+  """
+  if name not in LR_SCHEDULES:
+    raise ValueError(f"lr_schedule={name!r} is unknown; use one of {LR_SCHEDULES}.")
+  decay_steps = max(total_steps - warmup_steps, 1)
+  if name == "constant":
+    main = optax.constant_schedule(base)
+  elif name == "cosine":
+    main = optax.cosine_decay_schedule(base, decay_steps)
+  elif name == "linear":
+    main = optax.linear_schedule(base, 0.0, decay_steps)
+  else:
+    main = optax.piecewise_constant_schedule(
+        base, {int(f * decay_steps): step_factor for f in step_boundaries})
+  if warmup_steps <= 0:
+    return main
+  return optax.join_schedules([optax.linear_schedule(0.0, base, warmup_steps), main],
+                              [warmup_steps])
+
+
+def make_optimizer(name: str, learning_rate: optax.ScalarOrSchedule, *, momentum: float = 0.9,
+                   weight_decay: float = 0.0, nesterov: bool = False
+                   ) -> optax.GradientTransformation:
+  """SGD (with momentum), Adam or AdamW; `weight_decay` is coupled L2 for SGD/Adam."""
+  if name not in OPTIMIZERS:
+    raise ValueError(f"optimizer={name!r} is unknown; use one of {OPTIMIZERS}.")
+  if name == "adamw":
+    return optax.adamw(learning_rate, weight_decay=weight_decay)
+  base = (optax.sgd(learning_rate, momentum=momentum or None, nesterov=nesterov)
+          if name == "sgd" else optax.adam(learning_rate))
+  if weight_decay:
+    return optax.chain(optax.add_decayed_weights(weight_decay), base)
+  return base
+
+
+# ----------------------------------------------------------------------- train and eval
+
+
+def cross_entropy(logits: jax.Array, labels: jax.Array, label_smoothing: float = 0.0
+                  ) -> jax.Array:
+  """Mean softmax cross-entropy. logits [..., C], integer labels [...]."""
+  num_classes = logits.shape[-1]
+  targets = optax.smooth_labels(jax.nn.one_hot(labels, num_classes), label_smoothing)
+  return optax.softmax_cross_entropy(logits, targets).mean()
+
+
+def _apply(model: nn.Module, params: Params, batch_stats: Any, x: jax.Array, *, train: bool,
+           key: jax.Array | None = None):
+  """Runs the model; returns (logits, new_batch_stats)."""
+  variables = {"params": params}
+  if batch_stats:
+    variables["batch_stats"] = batch_stats
+  if not train:
+    return model.apply(variables, x, train=False), batch_stats
+  rngs = {"dropout": key} if key is not None else {}
+  if batch_stats:
+    logits, updates = model.apply(variables, x, train=True, rngs=rngs, mutable=["batch_stats"])
+    return logits, updates["batch_stats"]
+  return model.apply(variables, x, train=True, rngs=rngs), batch_stats
+
+
+def train_step(state: TrainState, x: jax.Array, y: jax.Array, *, model: nn.Module,
+               tx: optax.GradientTransformation, label_smoothing: float = 0.0,
+               augment: Callable[[jax.Array, jax.Array], jax.Array] | None = None
+               ) -> tuple[TrainState, dict[str, jax.Array]]:
+  """One optimizer step on a batch x [B, ...], y [B]. Pure; compile it with `jax.jit`."""
+  key = jax.random.fold_in(state.key, state.step)
+  augment_key, dropout_key = jax.random.split(key)
+  if augment is not None:
+    x = augment(augment_key, x)
+
+  def loss_fn(params):
+    logits, batch_stats = _apply(model, params, state.batch_stats, x, train=True,
+                                 key=dropout_key)
+    return cross_entropy(logits, y, label_smoothing), (logits, batch_stats)
+
+  (loss, (logits, batch_stats)), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
+  updates, opt_state = tx.update(grads, state.opt_state, state.params)
+  params = optax.apply_updates(state.params, updates)
+  metrics = {"loss": loss, "accuracy": jnp.mean(jnp.argmax(logits, -1) == y)}
+  return state.replace(step=state.step + 1, params=params, batch_stats=batch_stats,
+                       opt_state=opt_state), metrics
+
+
+def make_train_epoch(model: nn.Module, tx: optax.GradientTransformation, *,
+                     label_smoothing: float = 0.0, augment: Callable | None = None
+                     ) -> Callable:
+  """Returns `train_epoch(state, x, y, batch_indices) -> (state, metrics)`, compiled once.
+
+  `x` [N, ...], `y` [N] is the whole training split (device-resident) and `batch_indices`
+  [steps, B] the epoch's batches; metrics are per-step arrays [steps]. The state buffers are
+  donated, so the previous state must not be used after the call.
+  """
+  step = functools.partial(train_step, model=model, tx=tx, label_smoothing=label_smoothing,
+                           augment=augment)
+
+  def train_epoch(state, x, y, batch_indices):
+    def body(state, idx):
+      return step(state, x[idx], y[idx])
+    return jax.lax.scan(body, state, batch_indices)
+
+  return jax.jit(train_epoch, donate_argnums=(0,))
+
+
+def make_evaluate(model: nn.Module, batch_size: int = 1000) -> Callable:
+  """Returns `evaluate(params, batch_stats, x, y) -> {'loss', 'accuracy'}` (jax scalars).
+
+  The split is padded to a multiple of `batch_size` and scanned in one compiled call; padded
+  examples get zero weight, so the result is exact for any split size.
+  """
+
+  @jax.jit
+  def evaluate(params, batch_stats, x, y):
+    n = x.shape[0]
+    size = min(batch_size, n)
+    pad = (-n) % size
+    weights = jnp.concatenate([jnp.ones(n), jnp.zeros(pad)]).reshape(-1, size)
+    xs = jnp.concatenate([x, jnp.zeros((pad,) + x.shape[1:], x.dtype)]).reshape(
+        (-1, size) + x.shape[1:])
+    ys = jnp.concatenate([y, jnp.zeros((pad,), y.dtype)]).reshape(-1, size)
+
+    def body(totals, batch):
+      xb, yb, wb = batch
+      logits, _ = _apply(model, params, batch_stats, xb, train=False)
+      losses = optax.softmax_cross_entropy_with_integer_labels(logits, yb)
+      correct = jnp.argmax(logits, -1) == yb
+      return (totals[0] + jnp.sum(losses * wb), totals[1] + jnp.sum(correct * wb)), None
+
+    (loss, correct), _ = jax.lax.scan(body, (0.0, 0.0), (xs, ys, weights))
+    return {"loss": loss / n, "accuracy": correct / n}
+
+  return evaluate
+
+
+# ----------------------------------------------------------------------------- fit loop
+
+
+def append_jsonl(path: str | os.PathLike, record: dict) -> None:
+  """Appends one JSON line and flushes it to disk (crash-safe event log)."""
+  with open(path, "a", encoding="utf-8") as f:
+    f.write(json.dumps(record, sort_keys=True) + "\n")
+    f.flush()
+    os.fsync(f.fileno())
+
+
+def write_json_atomic(path: str | os.PathLike, obj: Any) -> None:
+  """Writes JSON via a temporary file and an atomic rename: readers never see half a file."""
+  path = pathlib.Path(path)
+  tmp = path.with_name(path.name + ".tmp")
+  tmp.write_text(json.dumps(obj, indent=2, sort_keys=True), encoding="utf-8")
+  os.replace(tmp, path)
+
+
+def _truncate_events(path: pathlib.Path, stage: str, after_step: int) -> None:
+  """Drops this stage's events past `after_step` (they are recomputed after a resume)."""
+  if not path.exists():
+    return
+  kept = [line for line in path.read_text(encoding="utf-8").splitlines()
+          if line and not (json.loads(line).get("stage") == stage
+                           and json.loads(line).get("step", -1) > after_step)]
+  tmp = path.with_name(path.name + ".tmp")
+  tmp.write_text("".join(line + "\n" for line in kept), encoding="utf-8")
+  os.replace(tmp, path)
+
+
+@dataclasses.dataclass(frozen=True)
+class FitConfig:
+  """Loop settings of `fit` (the optimizer and model are arguments of their own)."""
+  epochs: int
+  batch_size: int
+  seed: int = 0
+  label_smoothing: float = 0.0
+  augment: bool = False
+  checkpoint_every_epochs: int = 1
+  eval_every_epochs: int = 1
+  progress: bool = True
+
+  def __post_init__(self):
+    for name in ("epochs", "batch_size", "checkpoint_every_epochs", "eval_every_epochs"):
+      if getattr(self, name) < (0 if name == "epochs" else 1):
+        raise ValueError(f"{name}={getattr(self, name)} must be positive.")
+
+
+def fit(model: nn.Module, tx: optax.GradientTransformation, state: TrainState,
+        dataset: data_lib.Dataset, config: FitConfig, *, workdir: str | os.PathLike | None = None,
+        stage: str = "train", on_epoch_end: Callable[[TrainState, dict], None] | None = None
+        ) -> tuple[TrainState, dict]:
+  """Trains `state` for `config.epochs` epochs, resuming from `workdir`'s checkpoints.
+
+  Each epoch is one compiled call. With a `workdir`, orbax checkpoints go to
+  `workdir/checkpoints/<stage>` every `checkpoint_every_epochs` epochs and at the end, and
+  evaluation events are appended to `workdir/metrics.jsonl`. Restarted with the same workdir,
+  training continues from the last checkpoint and ends with exactly the parameters and
+  metrics of an uninterrupted run (the data order and per-step keys depend only on the seed,
+  the epoch and the step).
+
+  Returns:
+    The final state and the last evaluation {'val_loss', 'val_accuracy', 'train_loss', ...}.
+
+  Raises:
+    NonFiniteLossError: when an epoch's loss is NaN/Inf (naming the first bad step); the
+      last good checkpoint is left in place.
+  """
+  steps_per_epoch = data_lib.steps_per_epoch(dataset.train, config.batch_size)
+  x_train, y_train = jnp.asarray(dataset.train.x), jnp.asarray(dataset.train.y)
+  x_val, y_val = jnp.asarray(dataset.val.x), jnp.asarray(dataset.val.y)
+  train_epoch = make_train_epoch(model, tx, label_smoothing=config.label_smoothing,
+                                 augment=data_lib.augment if config.augment else None)
+  evaluate = make_evaluate(model)
+
+  manager, metrics_path = None, None
+  if workdir is not None:
+    workdir = pathlib.Path(workdir)
+    metrics_path = workdir / "metrics.jsonl"
+    manager = ocp.CheckpointManager(
+        (workdir / "checkpoints" / stage).absolute(),
+        options=ocp.CheckpointManagerOptions(max_to_keep=2, create=True))
+    if manager.latest_step() is not None:
+      state = manager.restore(manager.latest_step(), args=ocp.args.StandardRestore(state))
+      logging.info("%s: resumed from step %d", stage, int(state.step))
+      _truncate_events(metrics_path, stage, int(state.step))
+
+  start_epoch = int(state.step) // steps_per_epoch
+  last_eval: dict = {}
+  bar = tqdm.trange(start_epoch, config.epochs, desc=stage, disable=not config.progress,
+                    initial=start_epoch, total=config.epochs, leave=False)
+  for epoch in bar:
+    batch_indices = data_lib.epoch_batch_indices(len(dataset.train.y), config.batch_size,
+                                                 seed=config.seed, epoch=epoch)
+    good_state = state
+    state, metrics = train_epoch(state, x_train, y_train, jnp.asarray(batch_indices))
+    losses = np.asarray(metrics["loss"])
+    if not np.all(np.isfinite(losses)):
+      bad_step = int(good_state.step) + int(np.argmin(np.isfinite(losses)))
+      raise NonFiniteLossError(
+          f"{stage}: non-finite loss at step {bad_step} (epoch {epoch}); the last good "
+          f"checkpoint is kept. Lower the learning rate or check the data.")
+    done = epoch + 1
+    if done % config.eval_every_epochs == 0 or done == config.epochs:
+      val = evaluate(state.params, state.batch_stats, x_val, y_val)
+      last_eval = {"stage": stage, "epoch": done, "step": int(state.step),
+                   "train_loss": float(losses.mean()),
+                   "train_accuracy": float(np.mean(metrics["accuracy"])),
+                   "val_loss": float(val["loss"]), "val_accuracy": float(val["accuracy"]),
+                   "time": time.time()}
+      bar.set_postfix(loss=f"{last_eval['train_loss']:.3f}",
+                      val_acc=f"{last_eval['val_accuracy']:.3f}")
+      logging.info("%s epoch %d: %s", stage, done, {k: v for k, v in last_eval.items()
+                                                     if k not in ("stage", "time")})
+      if metrics_path is not None:
+        append_jsonl(metrics_path, last_eval)
+      if on_epoch_end is not None:
+        on_epoch_end(state, last_eval)
+    if manager is not None and (done % config.checkpoint_every_epochs == 0
+                                or done == config.epochs):
+      manager.save(int(state.step), args=ocp.args.StandardSave(state))
+  if manager is not None:
+    manager.wait_until_finished()
+    manager.close()
+  if not last_eval:  # resumed after the last epoch: report the final state's metrics
+    val = evaluate(state.params, state.batch_stats, x_val, y_val)
+    last_eval = {"stage": stage, "epoch": config.epochs, "step": int(state.step),
+                 "val_loss": float(val["loss"]), "val_accuracy": float(val["accuracy"])}
+  return state, last_eval

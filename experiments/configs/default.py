@@ -1,0 +1,77 @@
+r"""The main job: the digits MLP trained dense, pruned to 90% by evolution of weights, fine-tuned.
+
+Every field any experiment reads is declared here; other configs start from this one and
+override fields. Runs offline on a fresh machine (the `digits` data ships with scikit-learn).
+
+Launch:
+  python -m experiments.main --config=experiments/configs/default.py --workdir=runs/default
+
+Expected runtime: about a minute on a 2-core CPU, first compile included.
+Expected result (3 seeds): dense test accuracy about 0.97; `evolution` at 0.90 target
+sparsity reaches 0.90 achieved sparsity with test accuracy about 0.95 after fine-tuning.
+"""
+
+import ml_collections
+
+
+def get_config() -> ml_collections.ConfigDict:
+  """The default configuration."""
+  config = ml_collections.ConfigDict()
+  config.seeds = (0, 1, 2)
+
+  config.data = ml_collections.ConfigDict()
+  config.data.name = "digits"  # mnist | fashion_mnist | cifar10 | digits | tfds:NAME
+  config.data.dir = ""  # folder of the official raw files (or TFDS data_dir); '' = none
+  config.data.val_size = 0.1  # carved from the training split: a count or a fraction
+  config.data.split_seed = 0  # fixes the validation split across training seeds
+
+  config.model = ml_collections.ConfigDict()
+  config.model.name = "mlp"
+  config.model.kwargs = ml_collections.ConfigDict({"widths": (128, 64)})
+
+  config.train = ml_collections.ConfigDict()
+  config.train.epochs = 30
+  config.train.batch_size = 64
+  config.train.optimizer = "sgd"  # sgd | adam | adamw
+  config.train.learning_rate = 0.05
+  config.train.momentum = 0.9
+  config.train.weight_decay = 0.0
+  config.train.lr_schedule = "cosine"  # constant | cosine | step | linear
+  config.train.warmup_epochs = 0
+  config.train.label_smoothing = 0.0
+  config.train.augment = False  # CIFAR random crop + flip, inside the compiled step
+  config.train.checkpoint_every_epochs = 5
+  config.train.eval_every_epochs = 5
+
+  config.prune = ml_collections.ConfigDict()
+  # One result row per (method, target). Methods: see experiments/pipeline.py METHODS.
+  config.prune.methods = ("magnitude", "evolution")
+  # A float or a tuple of floats (a sweep).
+  config.prune.target_sparsity = ml_collections.FieldReference((0.9,), field_type=object)
+  # 'after': prune the trained dense model once, then fine-tune (`config.finetune`).
+  # 'during': train from scratch while `schedule` raises the sparsity.
+  config.prune.when = "after"
+  config.prune.schedule = "polynomial_decay"  # for when='during': constant | polynomial_decay
+  config.prune.begin_epoch = 0.0  # for when='during': schedule window, in epochs
+  config.prune.end_epoch = 0.75  # as a fraction of train.epochs when <= 1
+  config.prune.frequency = 10  # steps between mask updates (when='during')
+  config.prune.allocation = "uniform"  # uniform | global | erk
+  config.prune.granularity = "unstructured"  # unstructured | neuron | filter | n:m e.g. '2:4'
+  # Evolution of weights: the running average of the weights kept during training.
+  config.prune.average = "linear"  # linear | sqrt_window | ema
+  config.prune.average_window = 50  # snapshots, for sqrt_window
+  config.prune.average_decay = 0.99  # for ema
+  config.prune.average_every = "epoch"  # snapshot cadence: 'epoch' or a number of steps
+  # The seed paper's rules.
+  config.prune.bezier = ml_collections.ConfigDict(
+      {"control": (0.0, 0.3, 0.7, 1.0), "u": 0.1, "mode": "scale", "turns": 3})
+
+  config.finetune = ml_collections.ConfigDict()
+  config.finetune.epochs = 10
+  config.finetune.optimizer = "sgd"
+  config.finetune.learning_rate = 0.01
+  config.finetune.lr_schedule = "cosine"
+
+  config.eval_batch_size = 1000
+  config.progress = True  # tqdm bars
+  return config

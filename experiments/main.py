@@ -1,0 +1,42 @@
+r"""Runs an evoprune experiment: train -> prune -> fine-tune -> evaluate -> report.
+
+  python -m experiments.main --config=experiments/configs/default.py --workdir=runs/default
+
+Every hyperparameter lives in the config (override any field with --config.x.y=value). The
+workdir defaults to ./runs/<config>-<timestamp>; a run restarted with the same workdir resumes.
+"""
+
+import pathlib
+import time
+
+from absl import app
+from absl import flags
+from absl import logging
+import jax
+from ml_collections import config_flags
+
+from experiments import pipeline
+
+_CONFIG = config_flags.DEFINE_config_file(
+    "config", None, "Path to an ml_collections config file.", lock_config=True)
+_WORKDIR = flags.DEFINE_string(
+    "workdir", None, "Output directory (default: ./runs/<config>-<timestamp>).")
+flags.mark_flags_as_required(["config"])
+
+
+def main(argv):
+  if len(argv) > 1:
+    raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
+  workdir = _WORKDIR.value
+  if not workdir:
+    config_name = pathlib.Path(flags.FLAGS["config"].config_filename).stem
+    workdir = f"runs/{config_name}-{time.strftime('%Y%m%d-%H%M%S')}"
+  logging.info("JAX devices: %s; workdir: %s", jax.devices(), workdir)
+  summary = pipeline.run(_CONFIG.value, workdir)
+  print(pipeline.format_table(summary))
+  print(f"\nResults written to {workdir}/ (summary.json, report.md, metrics.jsonl, plots).")
+
+
+if __name__ == "__main__":
+  jax.config.parse_flags_with_absl()
+  app.run(main)

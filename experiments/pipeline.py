@@ -1,0 +1,403 @@
+"""The experiment pipeline: train dense -> prune -> fine-tune -> evaluate -> report.
+
+For each seed the dense model is trained once (tracking the running average of its weights,
+the "evolution of weights"), then every (method, target sparsity) pair is pruned from it and
+fine-tuned (`config.prune.when='after'`), or trained from scratch while a schedule raises
+the sparsity (`when='during'`). Results are reported as mean and std over seeds. Every stage
+checkpoints and writes its result atomically, so a restarted run skips what is done and
+resumes the stage it was in.
+"""
+
+import dataclasses
+import json
+import pathlib
+import time
+from typing import Any, Callable
+
+from absl import logging
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+import optax
+
+import evoprune as ep
+from evoprune import training
+
+# Methods that rank weights by a score and hit the target exactly with top-k. The value is
+# the pruner's importance ('wbar' = |running average of the weights|, evolution of weights).
+TOPK_METHODS = {
+    "magnitude": "magnitude",
+    "random": "random",
+    "saliency": "saliency",
+    "taylor": "taylor",
+    "movement": "movement",
+    "global_magnitude": "magnitude",
+    "evolution": "wbar",
+}
+# The seed paper's rules (one-shot, after training; see evoprune.criteria).
+PAPER_METHODS = ("std_threshold", "evolution_paper", "bezier")
+METHODS = (*TOPK_METHODS, *PAPER_METHODS)
+WHEN = ("after", "during")
+SCHEDULES = ("constant", "polynomial_decay")
+
+
+def _targets(config: ml_collections.ConfigDict) -> tuple[float, ...]:
+  value = config.prune.target_sparsity
+  targets = tuple(value) if isinstance(value, (tuple, list)) else (value,)
+  for t in targets:
+    if not isinstance(t, (int, float)) or not 0.0 <= t < 1.0:
+      raise ValueError(f"config.prune.target_sparsity contains {t!r}: each target must be a "
+                       "number in [0, 1), e.g. 0.9 or (0.5, 0.9).")
+  return tuple(float(t) for t in targets)
+
+
+def validate(config: ml_collections.ConfigDict) -> None:
+  """Fails fast, before any training, on invalid values (unknown fields fail in the flags)."""
+  _targets(config)
+  if not config.seeds:
+    raise ValueError("config.seeds is empty; give at least one seed, e.g. (0,).")
+  for m in config.prune.methods:
+    if m not in METHODS:
+      raise ValueError(f"config.prune.methods contains unknown method {m!r}; valid: {METHODS}.")
+  if config.prune.when not in WHEN:
+    raise ValueError(f"config.prune.when={config.prune.when!r}; use one of {WHEN}.")
+  if config.prune.when == "during":
+    if config.prune.schedule not in SCHEDULES:
+      raise ValueError(f"config.prune.schedule={config.prune.schedule!r}; use one of "
+                       f"{SCHEDULES} for when='during'.")
+    paper = [m for m in config.prune.methods if m in PAPER_METHODS]
+    if paper:
+      raise ValueError(f"methods {paper} are the seed paper's one-shot rules; use "
+                       "config.prune.when='after' for them.")
+  elif "movement" in config.prune.methods:
+    raise ValueError("method 'movement' accumulates -w*g while the model is pruned; use "
+                     "config.prune.when='during'.")
+  ep.allocation.get(config.prune.allocation)
+  for name, value in (("train.optimizer", config.train.optimizer),
+                      ("finetune.optimizer", config.finetune.optimizer)):
+    if value not in training.OPTIMIZERS:
+      raise ValueError(f"config.{name}={value!r}; use one of {training.OPTIMIZERS}.")
+  for name, value in (("train.lr_schedule", config.train.lr_schedule),
+                      ("finetune.lr_schedule", config.finetune.lr_schedule)):
+    if value not in training.LR_SCHEDULES:
+      raise ValueError(f"config.{name}={value!r}; use one of {training.LR_SCHEDULES}.")
+  if config.train.epochs < 1 or config.train.batch_size < 1:
+    raise ValueError("config.train.epochs and config.train.batch_size must be >= 1.")
+
+
+# ------------------------------------------------------------------------------- stages
+
+
+@dataclasses.dataclass
+class Context:
+  """What every stage of one run shares."""
+  config: ml_collections.ConfigDict
+  dataset: ep.data.Dataset
+  model: Any
+  workdir: pathlib.Path
+  steps_per_epoch: int
+
+  def fit_config(self, epochs: int, seed: int) -> training.FitConfig:
+    c = self.config.train
+    return training.FitConfig(
+        epochs=epochs, batch_size=c.batch_size, seed=seed, label_smoothing=c.label_smoothing,
+        augment=c.augment, checkpoint_every_epochs=c.checkpoint_every_epochs,
+        eval_every_epochs=c.eval_every_epochs, progress=self.config.progress)
+
+  def optimizer(self, section: ml_collections.ConfigDict, epochs: int
+                ) -> optax.GradientTransformation:
+    total = epochs * self.steps_per_epoch
+    lr = training.learning_rate_schedule(
+        section.lr_schedule, section.learning_rate, total,
+        warmup_steps=getattr(section, "warmup_epochs", 0) * self.steps_per_epoch)
+    return training.make_optimizer(section.optimizer, lr, momentum=self.config.train.momentum,
+                                   weight_decay=self.config.train.weight_decay)
+
+  def average(self) -> ep.importance.RunningAverage:
+    p = self.config.prune
+    every = self.steps_per_epoch if p.average_every == "epoch" else int(p.average_every)
+    return ep.importance.RunningAverage(kind=p.average, window=p.average_window,
+                                        decay=p.average_decay, every=every)
+
+  def pruner(self, method: str, *, schedule=None, seed: int = 0) -> ep.Pruner:
+    p = self.config.prune
+    allocation = "global" if method == "global_magnitude" else p.allocation
+    return ep.Pruner(importance=TOPK_METHODS.get(method, "wbar"), average=self.average(),
+                     schedule=schedule, allocation=allocation, granularity=p.granularity,
+                     seed=seed)
+
+
+def evaluate(ctx: Context, state: training.TrainState) -> dict[str, float]:
+  """Validation and test accuracy of a state (test is reported, never used to select)."""
+  evaluate_fn = training.make_evaluate(ctx.model, ctx.config.eval_batch_size)
+  out = {}
+  for split in ("val", "test"):
+    s = getattr(ctx.dataset, split)
+    m = evaluate_fn(state.params, state.batch_stats, jnp.asarray(s.x), jnp.asarray(s.y))
+    out[f"{split}_accuracy"] = float(m["accuracy"])
+    out[f"{split}_loss"] = float(m["loss"])
+  return out
+
+
+def train_dense(ctx: Context, seed: int) -> training.TrainState:
+  """Trains the dense model, tracking the running average of its weights."""
+  config = ctx.config
+  tx = ctx.pruner("evolution").wrap(ctx.optimizer(config.train, config.train.epochs))
+  state = training.create_train_state(ctx.model, tx, jax.random.key(seed),
+                                      jnp.asarray(ctx.dataset.train.x[:1]))
+  state, _ = training.fit(ctx.model, tx, state, ctx.dataset,
+                          ctx.fit_config(config.train.epochs, seed), workdir=ctx.workdir,
+                          stage=f"seed{seed}/dense")
+  return state
+
+
+def gradient_batch(ctx: Context, state: training.TrainState, size: int = 256) -> Any:
+  """Loss gradients on the first `size` training examples (for saliency/Taylor scores)."""
+  x = jnp.asarray(ctx.dataset.train.x[:size])
+  y = jnp.asarray(ctx.dataset.train.y[:size])
+
+  def loss(params):
+    logits, _ = training._apply(ctx.model, params, state.batch_stats, x, train=False)
+    return training.cross_entropy(logits, y)
+
+  return jax.grad(loss)(state.params)
+
+
+def prune_once(ctx: Context, method: str, target: float, dense: training.TrainState, seed: int
+               ) -> Any:
+  """Masks for `method` at `target` from the trained dense state (one-shot)."""
+  p = ctx.config.prune
+  average_state = dense.opt_state.importance
+  wbar = ctx.average().value(average_state)
+  template = ep.masks.init(dense.params)
+  if method in TOPK_METHODS:
+    grads = gradient_batch(ctx, dense) if method in ("saliency", "taylor") else None
+    return ctx.pruner(method, seed=seed).instant(
+        dense.params, target, grads=grads, importance_state=average_state)
+  if method == "std_threshold":
+    result = ep.criteria.search_r(
+        lambda r: ep.criteria.std_threshold(dense.params, r, template=template), target)
+  elif method == "evolution_paper":
+    result = ep.criteria.search_r(
+        lambda r: ep.criteria.evolution_paper(dense.params, wbar, r, template=template), target)
+  else:
+    return ep.criteria.bezier_to_target(
+        wbar, target, key=jax.random.key(seed), template=template,
+        control=tuple(p.bezier.control), u=p.bezier.u, mode=p.bezier.mode)
+  if not result.reached:
+    logging.warning("%s: %s", method, result.message)
+  return result.masks
+
+
+def finetune(ctx: Context, dense: training.TrainState, masks: Any, seed: int, stage: str
+             ) -> training.TrainState:
+  """Fine-tunes the masked dense model with the masks held fixed (pruned weights stay 0)."""
+  config = ctx.config
+  tx = ctx.pruner("evolution").wrap(ctx.optimizer(config.finetune, config.finetune.epochs))
+  params = ep.masks.apply(dense.params, masks)
+  opt_state = ep.pruner.set_masks(tx.init(params), masks)
+  state = training.TrainState(step=jnp.zeros((), jnp.int32), params=params,
+                              batch_stats=dense.batch_stats, opt_state=opt_state,
+                              rng=jax.random.key_data(jax.random.key(seed + 10_000)))
+  state, _ = training.fit(ctx.model, tx, state, ctx.dataset,
+                          ctx.fit_config(config.finetune.epochs, seed), workdir=ctx.workdir,
+                          stage=stage)
+  return state
+
+
+def train_pruned(ctx: Context, method: str, target: float, seed: int, stage: str
+                 ) -> training.TrainState:
+  """Trains from scratch while the configured schedule raises the sparsity to `target`."""
+  config, p = ctx.config, ctx.config.prune
+  total_epochs = config.train.epochs
+  to_steps = lambda e: int(round((e * total_epochs if e <= 1 else e) * ctx.steps_per_epoch))
+  begin, end = to_steps(p.begin_epoch), to_steps(p.end_epoch)
+  if p.schedule == "constant":
+    schedule = ep.schedules.constant(target, begin_step=begin, end_step=end,
+                                     frequency=p.frequency)
+  else:
+    schedule = ep.schedules.polynomial_decay(0.0, target, begin_step=begin, end_step=end,
+                                             frequency=p.frequency)
+  tx = ctx.pruner(method, schedule=schedule, seed=seed).wrap(
+      ctx.optimizer(config.train, total_epochs))
+  state = training.create_train_state(ctx.model, tx, jax.random.key(seed),
+                                      jnp.asarray(ctx.dataset.train.x[:1]))
+  state, _ = training.fit(ctx.model, tx, state, ctx.dataset,
+                          ctx.fit_config(total_epochs, seed), workdir=ctx.workdir, stage=stage)
+  return state
+
+
+def measure(ctx: Context, state: training.TrainState, masks: Any) -> dict[str, Any]:
+  """Accuracy, achieved sparsity and costs of a (masked) state."""
+  result = evaluate(ctx, state)
+  summary = ep.masks.summary(masks) if masks is not None else None
+  cost = ep.cost.report(ctx.model, state.params, masks, ctx.dataset.input_shape,
+                        batch_stats=state.batch_stats)
+  result.update(
+      sparsity_global=summary["global"] if summary else 0.0,
+      sparsity_per_layer=summary["per_layer"] if summary else {},
+      params_total=cost["params"]["total"], params_nonzero=cost["params"]["nonzero"],
+      macs_dense=cost["macs"]["dense"], macs_effective=cost["macs"]["effective"],
+      bytes_fp32_dense=cost["bytes"]["fp32_dense"], bytes_sparse=cost["bytes"]["sparse"])
+  return result
+
+
+def _cached(path: pathlib.Path, compute: Callable[[], dict]) -> dict:
+  """Returns the stored result of a finished stage, or computes and stores it atomically."""
+  if path.exists():
+    return json.loads(path.read_text(encoding="utf-8"))
+  path.parent.mkdir(parents=True, exist_ok=True)
+  start = time.time()
+  result = compute()
+  result["wall_time_s"] = time.time() - start
+  training.write_json_atomic(path, result)
+  return result
+
+
+# ------------------------------------------------------------------------------ the run
+
+
+def run(config: ml_collections.ConfigDict, workdir: str | pathlib.Path) -> dict:
+  """Runs the whole experiment; returns (and writes) `summary.json`'s content."""
+  validate(config)
+  workdir = pathlib.Path(workdir)
+  workdir.mkdir(parents=True, exist_ok=True)
+  training.write_json_atomic(workdir / "config.json", json.loads(config.to_json_best_effort()))
+  dataset = ep.data.load(config.data.name, data_dir=config.data.dir or None,
+                         val_size=config.data.val_size, seed=config.data.split_seed)
+  model = ep.models.create(config.model.name, num_classes=dataset.num_classes,
+                           **config.model.kwargs.to_dict())
+  ctx = Context(config, dataset, model, workdir,
+                ep.data.steps_per_epoch(dataset.train, config.train.batch_size))
+  rows: dict[tuple[str, float], list[dict]] = {}
+  for seed in config.seeds:
+    results_dir = workdir / "results" / f"seed{seed}"
+    dense: list[training.TrainState] = []
+
+    def dense_state():
+      if not dense:
+        dense.append(train_dense(ctx, seed))
+      return dense[0]
+
+    rows.setdefault(("dense", 0.0), []).append(
+        _cached(results_dir / "dense.json", lambda: measure(ctx, dense_state(), None)))
+    for method in config.prune.methods:
+      for target in _targets(config):
+        stage = f"seed{seed}/{method}@{target:g}"
+
+        def compute(method=method, target=target, stage=stage):
+          if config.prune.when == "during":
+            state = train_pruned(ctx, method, target, seed, stage)
+            return measure(ctx, state, state.opt_state.masks)
+          masks = prune_once(ctx, method, target, dense_state(), seed)
+          oneshot = evaluate(ctx, dense_state().replace(
+              params=ep.masks.apply(dense_state().params, masks)))
+          state = finetune(ctx, dense_state(), masks, seed, stage)
+          result = measure(ctx, state, state.opt_state.masks)
+          result.update({f"oneshot_{k}": v for k, v in oneshot.items()})
+          return result
+
+        rows.setdefault((method, target), []).append(
+            _cached(results_dir / f"{method}@{target:g}.json", compute))
+  summary = summarize(config, rows)
+  training.write_json_atomic(workdir / "summary.json", summary)
+  (workdir / "report.md").write_text(format_report(summary), encoding="utf-8")
+  plot(summary, workdir)
+  return summary
+
+
+def _mean_std(values: list[float]) -> dict[str, float]:
+  return {"mean": float(np.mean(values)), "std": float(np.std(values))}
+
+
+def summarize(config: ml_collections.ConfigDict, rows: dict) -> dict:
+  """Aggregates per-seed results into summary.json's documented schema."""
+  results = []
+  for (method, target), per_seed in rows.items():
+    first = per_seed[0]
+    per_layer = {k: float(np.mean([r["sparsity_per_layer"][k] for r in per_seed]))
+                 for k in first["sparsity_per_layer"]}
+    entry = {
+        "method": method, "target_sparsity": target, "seeds": list(config.seeds),
+        "val_accuracy": _mean_std([r["val_accuracy"] for r in per_seed]),
+        "test_accuracy": _mean_std([r["test_accuracy"] for r in per_seed]),
+        "sparsity": {"global": float(np.mean([r["sparsity_global"] for r in per_seed])),
+                     "per_layer": per_layer},
+        "params": {"total": int(first["params_total"]),
+                   "nonzero": int(np.mean([r["params_nonzero"] for r in per_seed]))},
+        "macs": {"dense": int(first["macs_dense"]),
+                 "effective": int(np.mean([r["macs_effective"] for r in per_seed]))},
+        "bytes": {"fp32_dense": int(first["bytes_fp32_dense"]),
+                  "sparse": int(np.mean([r["bytes_sparse"] for r in per_seed]))},
+        "wall_time_s": float(np.sum([r["wall_time_s"] for r in per_seed])),
+    }
+    if "oneshot_val_accuracy" in first:
+      entry["oneshot_val_accuracy"] = _mean_std([r["oneshot_val_accuracy"] for r in per_seed])
+      entry["oneshot_test_accuracy"] = _mean_std([r["oneshot_test_accuracy"] for r in per_seed])
+    results.append(entry)
+  return {"dataset": config.data.name, "model": config.model.name, "results": results}
+
+
+def format_table(summary: dict) -> str:
+  """The results as a Markdown table (accuracy as mean ± std over seeds)."""
+  pm = lambda d: f"{d['mean']:.4f} ± {d['std']:.4f}"
+  lines = [
+      f"{summary['model']} on {summary['dataset']}\n",
+      "| method | target | achieved | val acc | test acc | nonzero params | effective MACs "
+      "| bytes (sparse) |",
+      "|---|---|---|---|---|---|---|---|",
+  ]
+  for r in summary["results"]:
+    lines.append(
+        f"| {r['method']} | {r['target_sparsity']:.3f} | {r['sparsity']['global']:.4f} | "
+        f"{pm(r['val_accuracy'])} | {pm(r['test_accuracy'])} | {r['params']['nonzero']:,} | "
+        f"{r['macs']['effective']:,} | {r['bytes']['sparse']:,} |")
+  return "\n".join(lines)
+
+
+def format_report(summary: dict) -> str:
+  seeds = summary["results"][0]["seeds"] if summary["results"] else []
+  return (f"# Results\n\nMean ± std over seeds {seeds}; the model is selected on the "
+          f"validation split, test accuracy is only reported.\n\n{format_table(summary)}\n")
+
+
+def plot(summary: dict, workdir: pathlib.Path) -> None:
+  """Accuracy vs sparsity and per-layer sparsity plots (PNG)."""
+  import matplotlib  # pylint: disable=g-import-not-at-top
+  matplotlib.use("Agg")
+  import matplotlib.pyplot as plt  # pylint: disable=g-import-not-at-top
+
+  fig, ax = plt.subplots(figsize=(6, 4))
+  methods = sorted({r["method"] for r in summary["results"]} - {"dense"})
+  for method in methods:
+    rs = sorted((r for r in summary["results"] if r["method"] == method),
+                key=lambda r: r["sparsity"]["global"])
+    ax.errorbar([r["sparsity"]["global"] for r in rs],
+                [r["test_accuracy"]["mean"] for r in rs],
+                yerr=[r["test_accuracy"]["std"] for r in rs], marker="o", label=method)
+  for r in summary["results"]:
+    if r["method"] == "dense":
+      ax.axhline(r["test_accuracy"]["mean"], color="gray", ls="--", label="dense")
+  ax.set_xlabel("achieved sparsity")
+  ax.set_ylabel("test accuracy")
+  ax.legend()
+  fig.tight_layout()
+  fig.savefig(workdir / "accuracy_vs_sparsity.png", dpi=120)
+  plt.close(fig)
+
+  pruned = [r for r in summary["results"] if r["sparsity"]["per_layer"]]
+  if pruned:
+    fig, ax = plt.subplots(figsize=(7, 4))
+    layers = list(pruned[0]["sparsity"]["per_layer"])
+    width = 0.8 / len(pruned)
+    for i, r in enumerate(pruned):
+      ax.bar(np.arange(len(layers)) + i * width,
+             [r["sparsity"]["per_layer"][k] for k in layers], width,
+             label=f"{r['method']}@{r['target_sparsity']:g}")
+    ax.set_xticks(np.arange(len(layers)) + 0.4 - width / 2, layers, rotation=30, ha="right")
+    ax.set_ylabel("sparsity")
+    ax.legend(fontsize="small")
+    fig.tight_layout()
+    fig.savefig(workdir / "per_layer_sparsity.png", dpi=120)
+    plt.close(fig)
