@@ -216,8 +216,10 @@ class RunningAverage:
     window slides, each remaining snapshot's weight changes from sqrt(j) to sqrt(j-1) and
     sqrt(j) - sqrt(j-1) depends on j (the "weighted sum and plain sum" trick works only for
     linear weights). So the state keeps a ring buffer of the last k snapshots (memory:
-    k x the tracked tree, in float32) and `update` writes one slot (O(tree) per step);
-    `value` computes the weighted sum, O(k x tree), only when asked.
+    k x the tracked tree, in float32) and `update` writes one slot (O(tree) per step: a
+    dynamic-update-slice, done in place when the train state is donated, as with
+    `jax.jit(..., donate_argnums=...)`; without donation XLA copies the buffer); `value`
+    computes the weighted sum, O(k x tree), only when asked.
   * 'ema' (`decay` = d): the debiased exponential average, value = sum_i d^(n-1-i) X_i /
     sum_i d^(n-1-i) (newest weight 1, each older one times d), as optax's `ema(debias=True)`.
     Incremental: mean += (1-d)/(1-d^(i+1)) * (X_i - mean); the first snapshot gets rate 1.

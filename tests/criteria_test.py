@@ -269,6 +269,31 @@ class BezierTest(parameterized.TestCase):
       criteria.bezier_fractions(5, CONTROLS, 0.5)
 
 
+class EvolutionTest(parameterized.TestCase):
+  # |Wbar|: a = .05 .6 .07 .02, b = 2 .1 .3 4. The signed -0.6 and -4.0 rank by magnitude.
+  WBAR = {"a": jnp.array([[0.05, -0.6], [0.07, -0.02]]),
+          "b": jnp.array([2.0, -0.1, 0.3, -4.0]), "bias": None}
+
+  def test_per_layer_hits_the_target_exactly(self):
+    # Half of each layer: a loses .02 and .05, b loses .1 and .3.
+    masks = criteria.evolution(self.WBAR, 0.5)
+    self.assertIsNone(masks["bias"])
+    np.testing.assert_array_equal(masks["a"], [[False, True], [True, False]])
+    np.testing.assert_array_equal(masks["b"], [True, False, False, True])
+
+  def test_global_ranks_across_layers(self):
+    # The 4 lowest of all 8: .02, .05, .07 (all in a) and .1.
+    masks = criteria.evolution(self.WBAR, 0.5, scope="global")
+    np.testing.assert_array_equal(masks["a"], [[False, True], [False, False]])
+    np.testing.assert_array_equal(masks["b"], [True, False, True, True])
+
+  def test_traced_sparsity_under_jit(self):
+    masks = jax.jit(criteria.evolution)(self.WBAR, jnp.float32(0.25))
+    # One of four per layer: a loses .02, b loses .1.
+    np.testing.assert_array_equal(masks["a"], [[True, True], [True, False]])
+    np.testing.assert_array_equal(masks["b"], [True, False, True, True])
+
+
 class RegistryTest(absltest.TestCase):
 
   def test_get_returns_registered(self):
