@@ -153,6 +153,9 @@ class RealFilesTest(parameterized.TestCase):
     # The same official bytes with one pixel changed, gzipped: caught after gunzip.
     data = bytearray(gzip.decompress(
         (DATA / "cifar-10-batches-bin" / "test_batch.bin.gz").read_bytes()))
+    plain = pathlib.Path(self.tmpdir()) / "test_batch.bin"  # the official form, as is
+    plain.write_bytes(bytes(data))
+    np.testing.assert_array_equal(raw.read_cifar_batch(plain)[0], x)
     data[5] ^= 1
     bad = pathlib.Path(self.tmpdir()) / "test_batch.bin.gz"
     bad.write_bytes(gzip.compress(bytes(data), compresslevel=1))

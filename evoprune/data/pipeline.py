@@ -70,7 +70,7 @@ class Dataset:
   mean: tuple[float, ...] | None = None
   std: tuple[float, ...] | None = None
 
-  def decode(self, ids) -> str:
+  def decode(self, ids: np.ndarray) -> str:
     """Token ids (any int array) -> text (text datasets only)."""
     if self.vocab is None:
       raise ValueError(f"dataset {self.name!r} has no vocabulary; decode is for text")
@@ -219,7 +219,7 @@ def text_dataset(name: str, text: str, *, val_size: int | float,
                  vocab=tuple(chr(p) for p in points))
 
 
-def _check_int(value, name: str, minimum: int) -> int:
+def _check_int(value: object, name: str, minimum: int) -> int:
   if isinstance(value, (bool, np.bool_)) or not isinstance(value, (int, np.integer)) \
       or value < minimum:
     raise ValueError(f"{name}={value!r} must be an int >= {minimum}")
