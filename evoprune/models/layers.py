@@ -1,0 +1,96 @@
+"""Building blocks shared by the model zoo: ordered layer names and Conv + BatchNorm units.
+
+Every model names its submodules so that the `jax.tree` flatten order of its `params`
+(dict keys sorted lexicographically) equals the order in which the layers run. Allocation
+code relies on this to find the first and last prunable layer, so deep models use
+zero-padded indices (`block_00`, `block_01`, ...) rather than flax's `Conv_10` < `Conv_2`.
+"""
+
+from collections.abc import Sequence
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+# PyTorch's BatchNorm defaults: the published CIFAR models were trained with them, and a
+# momentum of 0.9 lets running statistics settle within the few epochs of a short run.
+BN_MOMENTUM = 0.9
+BN_EPSILON = 1e-5
+
+
+def indexed_names(prefix: str, count: int, min_width: int = 1) -> list[str]:
+  """Names `prefix_0, prefix_1, ...` whose lexicographic order is their numeric order.
+
+  Args:
+    prefix: name stem, e.g. "block".
+    count: number of names.
+    min_width: pad the index to at least this many digits.
+
+  Returns:
+    `count` names, zero-padded to a common width (e.g. `block_00` ... `block_12`).
+  """
+  width = max(min_width, len(str(max(count - 1, 0))))
+  return [f"{prefix}_{i:0{width}d}" for i in range(count)]
+
+
+def same_padding(kernel_size: Sequence[int]) -> list[tuple[int, int]]:
+  """Symmetric padding `k // 2` per spatial axis (PyTorch's `padding=k//2`).
+
+  Flax's "SAME" pads strided convolutions asymmetrically; the published CIFAR models
+  pad symmetrically, which keeps their feature maps aligned with the paper.
+  """
+  return [(k // 2, k // 2) for k in kernel_size]
+
+
+class ConvBN(nn.Module):
+  """Convolution (no bias) -> BatchNorm -> optional ReLU.
+
+  Submodule names `conv` < `norm` keep the flatten order equal to the forward order.
+
+  Attributes:
+    features: output channels.
+    kernel_size: spatial kernel size, e.g. (3, 3).
+    strides: spatial stride (same on every axis).
+    feature_group_count: 1 for a dense convolution, `in_channels` for a depthwise one.
+    relu: apply ReLU after the normalisation.
+  """
+
+  features: int
+  kernel_size: tuple[int, int] = (3, 3)
+  strides: int = 1
+  feature_group_count: int = 1
+  relu: bool = True
+
+  @nn.compact
+  def __call__(self, x: jax.Array, train: bool = False) -> jax.Array:
+    """Applies the unit.
+
+    Args:
+      x: [B, H, W, C_in] images.
+      train: use batch statistics (and update the running ones) when True.
+
+    Returns:
+      [B, H', W', features] activations.
+    """
+    x = nn.Conv(
+        self.features,
+        self.kernel_size,
+        strides=self.strides,
+        padding=same_padding(self.kernel_size),
+        feature_group_count=self.feature_group_count,
+        use_bias=False,  # the BatchNorm shift makes a bias redundant
+        kernel_init=nn.initializers.he_normal(),
+        name="conv",
+    )(x)
+    x = nn.BatchNorm(
+        use_running_average=not train,
+        momentum=BN_MOMENTUM,
+        epsilon=BN_EPSILON,
+        name="norm",
+    )(x)
+    return nn.relu(x) if self.relu else x
+
+
+def global_avg_pool(x: jax.Array) -> jax.Array:
+  """Mean over the spatial axes: [B, H, W, C] -> [B, C]."""
+  return jnp.mean(x, axis=(1, 2))
