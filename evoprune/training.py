@@ -1,7 +1,7 @@
 """Training: the TrainState, compiled train/eval programs, the fit loop and checkpoints.
 
 A whole epoch is one compiled call: the training split lives on the device and the epoch's
-shuffled batch indices (from `evoprune.data.epoch_permutation`) are scanned with `lax.scan`,
+shuffled batch indices (from `evoprune.data.epoch_batch_indices`) are scanned with `lax.scan`,
 so there is no host round-trip or Python dispatch per step. The optimizer may be any optax
 `GradientTransformation`, including `evoprune.Pruner.wrap(...)`, whose masks live in the
 optimizer state: checkpointing and resuming need nothing special for pruning.
@@ -299,45 +299,48 @@ def fit(model: nn.Module, tx: optax.GradientTransformation, state: TrainState,
     if manager.latest_step() is not None:
       state = manager.restore(manager.latest_step(), args=ocp.args.StandardRestore(state))
       logging.info("%s: resumed from step %d", stage, int(state.step))
-      _truncate_events(metrics_path, stage, int(state.step))
+    # Events past the checkpoint (or all of them, without one) are recomputed now.
+    _truncate_events(metrics_path, stage, int(state.step))
 
   start_epoch = int(state.step) // steps_per_epoch
   last_eval: dict = {}
   bar = tqdm.trange(start_epoch, config.epochs, desc=stage, disable=not config.progress,
                     initial=start_epoch, total=config.epochs, leave=False)
-  for epoch in bar:
-    batch_indices = data_lib.epoch_batch_indices(len(dataset.train.y), config.batch_size,
-                                                 seed=config.seed, epoch=epoch)
-    good_state = state
-    state, metrics = train_epoch(state, x_train, y_train, jnp.asarray(batch_indices))
-    losses = np.asarray(metrics["loss"])
-    if not np.all(np.isfinite(losses)):
-      bad_step = int(good_state.step) + int(np.argmin(np.isfinite(losses)))
-      raise NonFiniteLossError(
-          f"{stage}: non-finite loss at step {bad_step} (epoch {epoch}); the last good "
-          f"checkpoint is kept. Lower the learning rate or check the data.")
-    done = epoch + 1
-    if done % config.eval_every_epochs == 0 or done == config.epochs:
-      val = evaluate(state.params, state.batch_stats, x_val, y_val)
-      last_eval = {"stage": stage, "epoch": done, "step": int(state.step),
-                   "train_loss": float(losses.mean()),
-                   "train_accuracy": float(np.mean(metrics["accuracy"])),
-                   "val_loss": float(val["loss"]), "val_accuracy": float(val["accuracy"]),
-                   "time": time.time()}
-      bar.set_postfix(loss=f"{last_eval['train_loss']:.3f}",
-                      val_acc=f"{last_eval['val_accuracy']:.3f}")
-      logging.info("%s epoch %d: %s", stage, done, {k: v for k, v in last_eval.items()
-                                                     if k not in ("stage", "time")})
-      if metrics_path is not None:
-        append_jsonl(metrics_path, last_eval)
-      if on_epoch_end is not None:
-        on_epoch_end(state, last_eval)
-    if manager is not None and (done % config.checkpoint_every_epochs == 0
-                                or done == config.epochs):
-      manager.save(int(state.step), args=ocp.args.StandardSave(state))
-  if manager is not None:
-    manager.wait_until_finished()
-    manager.close()
+  try:
+    for epoch in bar:
+      batch_indices = data_lib.epoch_batch_indices(len(dataset.train.y), config.batch_size,
+                                                   seed=config.seed, epoch=epoch)
+      first_step = int(state.step)  # read before the call: the state's buffers are donated
+      state, metrics = train_epoch(state, x_train, y_train, jnp.asarray(batch_indices))
+      losses = np.asarray(metrics["loss"])
+      if not np.all(np.isfinite(losses)):
+        bad_step = first_step + int(np.argmin(np.isfinite(losses)))
+        raise NonFiniteLossError(
+            f"{stage}: non-finite loss at step {bad_step} (epoch {epoch}); the last good "
+            f"checkpoint is kept. Lower the learning rate or check the data.")
+      done = epoch + 1
+      if manager is not None and (done % config.checkpoint_every_epochs == 0
+                                  or done == config.epochs):
+        manager.save(int(state.step), args=ocp.args.StandardSave(state))
+      if done % config.eval_every_epochs == 0 or done == config.epochs:
+        val = evaluate(state.params, state.batch_stats, x_val, y_val)
+        last_eval = {"stage": stage, "epoch": done, "step": int(state.step),
+                     "train_loss": float(losses.mean()),
+                     "train_accuracy": float(np.mean(metrics["accuracy"])),
+                     "val_loss": float(val["loss"]), "val_accuracy": float(val["accuracy"]),
+                     "time": time.time()}
+        bar.set_postfix(loss=f"{last_eval['train_loss']:.3f}",
+                        val_acc=f"{last_eval['val_accuracy']:.3f}")
+        logging.info("%s epoch %d: %s", stage, done,
+                     {k: v for k, v in last_eval.items() if k not in ("stage", "time")})
+        if metrics_path is not None:
+          append_jsonl(metrics_path, last_eval)
+        if on_epoch_end is not None:
+          on_epoch_end(state, last_eval)
+  finally:
+    if manager is not None:
+      manager.wait_until_finished()
+      manager.close()
   if not last_eval:  # resumed after the last epoch: report the final state's metrics
     val = evaluate(state.params, state.batch_stats, x_val, y_val)
     last_eval = {"stage": stage, "epoch": config.epochs, "step": int(state.step),
