@@ -283,24 +283,42 @@ def global_topk(scores: Scores, sparsity: float | jax.Array) -> Masks:
   if np.ndim(sparsity) != 0:
     raise ValueError(f"global_topk takes one scalar sparsity, got shape {np.shape(sparsity)}; "
                      "use topk for per-layer values.")
+  total = sum(x.size for x in jax.tree.leaves(scores))
+  return global_topk_count(scores, _num_pruned(sparsity, total))
+
+
+def global_topk_count(scores: Scores, num_pruned: int | jax.Array) -> Masks:
+  """Like `global_topk`, with the number of pruned entries given directly.
+
+  Args:
+    scores: tree of float arrays, None for non-prunable leaves.
+    num_pruned: int (may be traced), clipped to [0, total entries].
+
+  Returns:
+    Bool masks with the structure of `scores`, exactly `num_pruned` entries False overall.
+  """
   leaves, treedef = jax.tree.flatten(scores, is_leaf=_is_none)
   idx = [i for i, x in enumerate(leaves) if x is not None and x.size]
-  if not idx:
-    return jax.tree.map(lambda x: None if x is None else jnp.ones(x.shape, bool), scores,
-                        is_leaf=_is_none)
+  out = [None if x is None else jnp.ones(x.shape, bool) for x in leaves]
+  if idx:
+    for i, keep in zip(idx, _global_keep([leaves[i] for i in idx], num_pruned)):
+      out[i] = keep
+  return treedef.unflatten(out)
+
+
+@jax.jit  # eager callers compile once per set of shapes
+def _global_keep(xs: list[jax.Array], num_pruned: jax.Array) -> list[jax.Array]:
   # Each leaf gets whole rows of the shared layout; padding keys are never selected, so the
   # row-major order of the stacked layout is the concatenation order.
-  blocks = [_layout(_order_keys(leaves[i]), _COLUMNS) for i in idx]
-  total = sum(leaves[i].size for i in idx)
-  prune = _prune_lowest(jnp.concatenate(blocks), _num_pruned(sparsity, total))
-  out = [None if x is None else jnp.ones(x.shape, bool) for x in leaves]
-  start = 0
-  for i, b in zip(idx, blocks):
-    x = leaves[i]
-    rows = prune[start:start + b.shape[0]].reshape(-1)
-    out[i] = ~rows[:x.size].reshape(x.shape)
-    start += b.shape[0]
-  return treedef.unflatten(out)
+  layouts = [_layout(_order_keys(x), _COLUMNS) for x in xs]
+  k = jnp.clip(jnp.asarray(num_pruned, jnp.int32), 0, sum(x.size for x in xs))
+  prune = _prune_lowest(jnp.concatenate(layouts), k)
+  out, start = [], 0
+  for x, layout in zip(xs, layouts):
+    rows = prune[start:start + layout.shape[0]].reshape(-1)
+    out.append(~rows[:x.size].reshape(x.shape))
+    start += layout.shape[0]
+  return out
 
 
 # ---------------------------------------------------------------------------------------

@@ -178,6 +178,14 @@ class GlobalTopkTest(parameterized.TestCase):
     np.testing.assert_array_equal(got, want)
 
 
+  def test_count_form_traced(self):
+    scores = {"a": jnp.array([[3.0, 1.0]]), "b": jnp.array([[2.0, 0.0, 5.0]])}
+    f = jax.jit(masks.global_topk_count)
+    np.testing.assert_array_equal(f(scores, 3)["a"], [[_T, _F]])
+    np.testing.assert_array_equal(f(scores, 3)["b"], [[_F, _F, _T]])
+    self.assertEqual(_pruned(f(scores, 9)), [2, 3])  # clipped to the total
+
+
 class StructuredTest(parameterized.TestCase):
 
   @parameterized.named_parameters(
