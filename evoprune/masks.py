@@ -22,8 +22,9 @@ is mapped to an order-preserving uint32 key; the k-th smallest key is found by a
 bitwise bisection whose step is a single counting pass, and ties at the threshold are resolved
 by locating the flat index of the last tie to prune (row sums over a [rows, 1024] layout, then
 one cumulative sum over a single row). Measured on LeNet-300-100 (266k weights, 2-core CPU,
-jit, median of 30): 2.4 ms per full mask update (1.5 plain SGD train steps at batch 128)
-versus 78-150 ms (about 90 steps) for the stable-argsort update `argsort_topk`.
+jit, median of 30, several runs on a shared machine): 2.2-3.6 ms per full mask update, i.e.
+1.5-1.9 plain SGD train steps at batch 128, versus 76-155 ms (64-98 steps) for the
+stable-argsort update `argsort_topk`.
 """
 
 from collections.abc import Callable, Sequence
