@@ -3,6 +3,7 @@
 from absl.testing import absltest
 from absl.testing import parameterized
 import jax
+from jax.extend import core as jax_core
 import jax.numpy as jnp
 import numpy as np
 
@@ -184,7 +185,7 @@ def _module_use_order(model, variables, x):
   order = []
   for eqn in closed.jaxpr.eqns:
     for var in eqn.invars:
-      if isinstance(var, jax.extend.core.Var) and var in owner and owner[var] not in order:
+      if isinstance(var, jax_core.Var) and var in owner and owner[var] not in order:
         order.append(owner[var])
   return order
 
