@@ -505,6 +505,46 @@ def bezier(
   )
 
 
+def _pruned_fraction(masks: Masks) -> jax.Array:
+  leaves = [m for m in jax.tree.leaves(masks) if m is not None]
+  return 1.0 - sum(jnp.sum(m) for m in leaves) / sum(m.size for m in leaves)
+
+
+def bezier_to_target(
+    values: Params,
+    key: PRNGKey,
+    target: float,
+    *,
+    controls: Sequence[float] | jax.Array,
+    mode: str = "scale",
+    masks: Masks | None = None,
+    iterations: int = 30,
+) -> tuple[Masks, float]:
+  """Bezier smart pruning with its strength chosen to reach a target sparsity.
+
+  Not in the paper (which sets u by hand and reports whatever sparsity results): to
+  compare rules at equal sparsity, u is found by bisection so that the pruned fraction of
+  the prunable weights (after ANDing with `masks`) is the largest not above `target`. With
+  a fixed key the cut sets are nested in u, so the pruned fraction is monotone in u. When
+  no u reaches the target (the curve leaves some bins at fraction 0 in 'scale' mode), the
+  strongest mask found is returned; check its sparsity.
+
+  Returns:
+    (masks, u): the masks (True = keep) and the u that produced them.
+  """
+  if not 0.0 <= target < 1.0:
+    raise ValueError(f"target={target!r} is outside [0, 1); pass e.g. target=0.9")
+  run = jax.jit(lambda u: _pruned_fraction(
+      bezier(values, key, controls=controls, u=u, mode=mode, masks=masks)))
+  lo, hi = 0.0, 1.0
+  while float(run(hi)) < target and hi < 2.0**10:  # 'shift' saturates at 1, 'scale' may not
+    lo, hi = hi, 2 * hi
+  for _ in range(iterations):
+    mid = 0.5 * (lo + hi)
+    lo, hi = (mid, hi) if float(run(mid)) <= target else (lo, mid)
+  return bezier(values, key, controls=controls, u=lo, mode=mode, masks=masks), lo
+
+
 # ----------------------------------------------------------------------------------------
 
 CRITERIA: dict[str, Callable[..., Any]] = {

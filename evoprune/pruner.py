@@ -31,7 +31,9 @@ from evoprune.types import Masks, Params, PRNGKey, Scores, Sparsity
 # Scores a pruner can rank by. 'wbar' ranks by |running average| of `average_of`.
 IMPORTANCES = ("magnitude", "random", "saliency", "taylor", "movement", "wbar")
 AVERAGE_OF = ("weight", "abs_weight", "saliency")
-GRANULARITIES = ("unstructured", "neuron", "filter")
+GRANULARITIES = ("unstructured", "neuron", "filter", "N:M (e.g. '2:4')")
+# Movement pruning's score is the running sum of -w*g (Sanh et al. 2020).
+_MOVEMENT = importance_lib.RunningAverage(kind="sum")
 
 
 def _is_none(x: Any) -> bool:
@@ -85,9 +87,11 @@ class Pruner:
     schedule: `schedule(step) -> (should_update, sparsity)`; None: masks change only via
       `set_masks` (fixed masks during fine-tuning).
     allocation: per-layer targets from the global one: a name of `allocation.ALLOCATIONS`
-      ('uniform', 'global', 'erk', ...).
+      ('uniform', 'global', 'erk') or a callable `(template, target) -> per-layer tree`,
+      e.g. `functools.partial(ep.allocation.erk, first_last='dense')`.
     granularity: 'unstructured', 'neuron' (Dense output units) or 'filter' (Conv output
-      channels), ranked by the L1 norm of their scores.
+      channels), ranked by the L1 norm of their scores, or N:M such as '2:4' (N kept of
+      every M consecutive inputs; the N:M pattern fixes the sparsity at 1 - N/M).
     filter: `filter(path, leaf) -> bool`, which leaves are prunable.
     seed: seeds the random scores (keys are `fold_in(key(seed), step)`).
   """
@@ -95,7 +99,7 @@ class Pruner:
   average: importance_lib.RunningAverage | None = None
   average_of: str = "weight"
   schedule: Callable[[jax.Array], tuple[jax.Array, jax.Array]] | None = None
-  allocation: str = "uniform"
+  allocation: str | Callable[[Any, float], Sparsity] = "uniform"
   granularity: str = "unstructured"
   filter: Callable[[tuple, Any], bool] = masks_lib.default_filter
   seed: int = 0
@@ -108,10 +112,18 @@ class Pruner:
                        "ep.importance.RunningAverage('linear') (or 'sqrt_window', 'ema').")
     if self.average_of not in AVERAGE_OF:
       raise ValueError(f"average_of={self.average_of!r} is unknown; use one of {AVERAGE_OF}.")
-    if self.granularity not in GRANULARITIES:
+    n_m = self.granularity.split(":")
+    if self.granularity not in GRANULARITIES[:3] and not (
+        len(n_m) == 2 and all(x.isdigit() for x in n_m) and 0 < int(n_m[0]) <= int(n_m[1])):
       raise ValueError(f"granularity={self.granularity!r} is unknown; use one of "
                        f"{GRANULARITIES}.")
-    allocation_lib.get(self.allocation)  # raises on an unknown name
+    if isinstance(self.allocation, str):
+      allocation_lib.get(self.allocation)  # raises on an unknown name, listing the valid ones
+    elif not callable(self.allocation):
+      raise ValueError(f"allocation={self.allocation!r} must be a name of "
+                       f"{sorted(allocation_lib.ALLOCATIONS)} or a callable(template, target).")
+    if self.schedule is not None and self.allocation not in ("uniform", "global"):
+      _final_target(self.schedule)  # raises when the schedule's final target is unknown
 
   # ------------------------------------------------------------------ importance state
 
@@ -130,7 +142,7 @@ class Pruner:
     if self.average is not None:
       state["average"] = self.average.init(self._averaged_value(params, None))
     if self.importance == "movement":
-      state["movement"] = jax.tree.map(jnp.zeros_like, params)
+      state["movement"] = _MOVEMENT.init(params)
     return state
 
   def update_importance(self, state: Any, params: Params, grads: Params, step: jax.Array
@@ -141,8 +153,8 @@ class Pruner:
       new["average"] = self.average.update(state["average"],
                                            self._averaged_value(params, grads), step)
     if self.importance == "movement":
-      new["movement"] = jax.tree.map(lambda s, w, g: s - w * g, state["movement"], params,
-                                     grads)
+      new["movement"] = _MOVEMENT.update(state["movement"],
+                                         importance_lib.movement(params, grads), step)
     return new
 
   def scores(self, params: Params, *, grads: Params | None = None, importance_state: Any = None,
@@ -157,20 +169,48 @@ class Pruner:
         raise ValueError(f"importance={self.importance!r} needs gradients: pass grads=.")
       full = getattr(importance_lib, self.importance)(params, grads)
     elif self.importance == "movement":
-      full = importance_state["movement"]
+      full = _MOVEMENT.value(importance_state["movement"])
     else:
       full = jax.tree.map(jnp.abs, self.average.value(importance_state["average"]))
     template = masks_lib.init(params, self.filter)
     return jax.tree.map(lambda m, s: None if m is None else s, template, full, is_leaf=_is_none)
 
+  def _allocate(self, template: Any, sparsity: Sparsity) -> Sparsity:
+    """Per-layer targets for a global `sparsity` (a float, or traced under a schedule).
+
+    Uniform passes the scalar through. Other allocations read only shapes and need a
+    concrete target; under a schedule they are solved once for its final target, and the
+    per-layer targets scale with the scheduled sparsity (so the parameter-weighted global
+    sparsity follows the schedule exactly and ends at the allocation's own solution).
+    """
+    if self.allocation == "uniform":
+      return sparsity
+    allocate = (allocation_lib.get(self.allocation) if isinstance(self.allocation, str)
+                else self.allocation)
+    if not isinstance(sparsity, jax.core.Tracer):
+      return allocate(template, float(sparsity))
+    final = _final_target(self.schedule)
+    if final == 0.0:
+      return jax.tree.map(lambda _: sparsity, allocate(template, 0.0))
+    return jax.tree.map(lambda s: s / final * sparsity, allocate(template, final))
+
   def masks_from_scores(self, scores: Scores, sparsity: Sparsity) -> Masks:
     """Masks at the global target `sparsity` under this pruner's allocation and granularity."""
+    if self._nm is not None:
+      return masks_lib.nm(scores, *self._nm)
     if self.allocation == "global" and self.granularity == "unstructured":
       return masks_lib.global_topk(scores, sparsity)
-    per_layer = allocation_lib.get(self.allocation)(scores, sparsity)
+    per_layer = self._allocate(scores, sparsity)
     if self.granularity == "unstructured":
       return masks_lib.topk(scores, per_layer)
-    return masks_lib.structured(scores, per_layer, granularity=self.granularity)
+    return masks_lib.structured(scores, per_layer, granularity=self.granularity, norm="l1")
+
+  @property
+  def _nm(self) -> tuple[int, int] | None:
+    if ":" not in self.granularity:
+      return None
+    n, m = self.granularity.split(":")
+    return int(n), int(m)
 
   def instant(self, params: Params, sparsity: Sparsity, *, grads: Params | None = None,
               importance_state: Any = None, key: PRNGKey | None = None) -> Masks:
@@ -223,6 +263,15 @@ class Pruner:
                                       inner_state)
 
     return optax.GradientTransformationExtraArgs(init_fn, update_fn)
+
+
+def _final_target(schedule: Any) -> float:
+  """The sparsity a schedule ends at (TF-MOT-style schedules name it one of two ways)."""
+  for name in ("final_sparsity", "target_sparsity"):
+    if hasattr(schedule, name):
+      return float(getattr(schedule, name))
+  raise ValueError(f"schedule={schedule!r} has no final_sparsity/target_sparsity attribute; "
+                   "use an ep.schedules schedule or allocation='uniform'/'global'.")
 
 
 def set_masks(state: PrunerState, masks: Masks) -> PrunerState:

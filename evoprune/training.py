@@ -302,6 +302,9 @@ def fit(model: nn.Module, tx: optax.GradientTransformation, state: TrainState,
     # Events past the checkpoint (or all of them, without one) are recomputed now.
     _truncate_events(metrics_path, stage, int(state.step))
 
+  # The compiled epoch donates its input; copy once so the caller's arrays (which may be
+  # shared with other states, e.g. the dense model a pruned copy started from) stay valid.
+  state = jax.tree.map(jnp.copy, state)
   start_epoch = int(state.step) // steps_per_epoch
   last_eval: dict = {}
   bar = tqdm.trange(start_epoch, config.epochs, desc=stage, disable=not config.progress,

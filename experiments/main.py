@@ -21,12 +21,15 @@ _CONFIG = config_flags.DEFINE_config_file(
     "config", None, "Path to an ml_collections config file.", lock_config=True)
 _WORKDIR = flags.DEFINE_string(
     "workdir", None, "Output directory (default: ./runs/<config>-<timestamp>).")
-flags.mark_flags_as_required(["config"])
 
 
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
+  if _CONFIG.value is None:
+    raise app.UsageError("--config is required, e.g. --config=experiments/configs/default.py")
+  if not flags.FLAGS["verbosity"].present:  # orbax is chatty at INFO; tqdm shows progress
+    logging.set_verbosity(logging.WARNING)
   workdir = _WORKDIR.value
   if not workdir:
     config_name = pathlib.Path(flags.FLAGS["config"].config_filename).stem

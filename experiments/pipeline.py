@@ -164,45 +164,58 @@ def gradient_batch(ctx: Context, state: training.TrainState, size: int = 256) ->
   return jax.grad(loss)(state.params)
 
 
-def prune_once(ctx: Context, method: str, target: float, dense: training.TrainState, seed: int
-               ) -> Any:
-  """Masks for `method` at `target` from the trained dense state (one-shot)."""
+def _restrict(tree: Any, template: Any) -> Any:
+  """`tree` with None wherever `template` (a mask tree) is None: the prunable leaves only."""
+  return jax.tree.map(lambda m, x: None if m is None else x, template, tree,
+                      is_leaf=lambda x: x is None)
+
+
+def prune_once(ctx: Context, method: str, target: float, dense: training.TrainState, seed: int,
+               previous: Any = None) -> Any:
+  """Masks for `method` at `target` from a trained state (one-shot).
+
+  The paper's rules read the running average of the weights kept while `dense` trained
+  (`dense.opt_state.importance`); `previous` masks are ANDed in by the Bezier turns.
+  """
   p = ctx.config.prune
-  average_state = dense.opt_state.importance
-  wbar = ctx.average().value(average_state)
-  template = ep.masks.init(dense.params)
+  importance_state = dense.opt_state.importance
   if method in TOPK_METHODS:
     grads = gradient_batch(ctx, dense) if method in ("saliency", "taylor") else None
     return ctx.pruner(method, seed=seed).instant(
-        dense.params, target, grads=grads, importance_state=average_state)
+        dense.params, target, grads=grads, importance_state=importance_state)
+  template = ep.masks.init(dense.params)
+  weights = _restrict(dense.params, template)
+  wbar = _restrict(ctx.average().value(importance_state["average"]), template)
+  if method == "bezier":
+    masks, u = ep.criteria.bezier_to_target(
+        wbar, jax.random.key(seed), target, controls=tuple(p.bezier.control),
+        mode=p.bezier.mode, masks=previous)
+    logging.info("bezier: u=%.4f for target %.3f", u, target)
+    return masks
   if method == "std_threshold":
-    result = ep.criteria.search_r(
-        lambda r: ep.criteria.std_threshold(dense.params, r, template=template), target)
-  elif method == "evolution_paper":
-    result = ep.criteria.search_r(
-        lambda r: ep.criteria.evolution_paper(dense.params, wbar, r, template=template), target)
+    result = ep.criteria.search_r(ep.criteria.std_threshold, (weights,), target,
+                                  params=dense.params)
   else:
-    return ep.criteria.bezier_to_target(
-        wbar, target, key=jax.random.key(seed), template=template,
-        control=tuple(p.bezier.control), u=p.bezier.u, mode=p.bezier.mode)
+    result = ep.criteria.search_r(ep.criteria.evolution_paper, (weights, wbar), target,
+                                  params=dense.params)
   if not result.reached:
     logging.warning("%s: %s", method, result.message)
   return result.masks
 
 
-def finetune(ctx: Context, dense: training.TrainState, masks: Any, seed: int, stage: str
-             ) -> training.TrainState:
+def finetune(ctx: Context, dense: training.TrainState, masks: Any, seed: int, stage: str,
+             epochs: int | None = None) -> training.TrainState:
   """Fine-tunes the masked dense model with the masks held fixed (pruned weights stay 0)."""
   config = ctx.config
-  tx = ctx.pruner("evolution").wrap(ctx.optimizer(config.finetune, config.finetune.epochs))
+  epochs = config.finetune.epochs if epochs is None else epochs
+  tx = ctx.pruner("evolution").wrap(ctx.optimizer(config.finetune, epochs))
   params = ep.masks.apply(dense.params, masks)
   opt_state = ep.pruner.set_masks(tx.init(params), masks)
   state = training.TrainState(step=jnp.zeros((), jnp.int32), params=params,
                               batch_stats=dense.batch_stats, opt_state=opt_state,
                               rng=jax.random.key_data(jax.random.key(seed + 10_000)))
-  state, _ = training.fit(ctx.model, tx, state, ctx.dataset,
-                          ctx.fit_config(config.finetune.epochs, seed), workdir=ctx.workdir,
-                          stage=stage)
+  state, _ = training.fit(ctx.model, tx, state, ctx.dataset, ctx.fit_config(epochs, seed),
+                          workdir=ctx.workdir, stage=stage)
   return state
 
 
@@ -228,6 +241,29 @@ def train_pruned(ctx: Context, method: str, target: float, seed: int, stage: str
   return state
 
 
+def bezier_turns(ctx: Context, target: float, dense: training.TrainState, seed: int,
+                 stage: str) -> dict[str, Any]:
+  """The paper's smart pruning in turns: prune (ANDed with the last mask), fine-tune, repeat.
+
+  Turn t of T prunes to 1 - (1 - target)^((t+1)/T), so the remaining density shrinks
+  geometrically and the last turn reaches the target; the fine-tuning epochs are shared
+  out over the turns. Each turn reads the running average kept while the previous stage
+  trained.
+  """
+  turns = ctx.config.prune.bezier.turns
+  epochs = max(ctx.config.finetune.epochs // turns, 1)
+  state, masks, oneshot = dense, None, None
+  for t in range(turns):
+    masks = prune_once(ctx, "bezier", 1.0 - (1.0 - target) ** ((t + 1) / turns), state, seed,
+                       previous=masks)
+    if oneshot is None:
+      oneshot = evaluate(ctx, state.replace(params=ep.masks.apply(state.params, masks)))
+    state = finetune(ctx, state, masks, seed, f"{stage}/turn{t}", epochs=epochs)
+  result = measure(ctx, state, masks)
+  result.update({f"oneshot_{k}": v for k, v in oneshot.items()})  # after the first turn
+  return result
+
+
 def measure(ctx: Context, state: training.TrainState, masks: Any) -> dict[str, Any]:
   """Accuracy, achieved sparsity and costs of a (masked) state."""
   result = evaluate(ctx, state)
@@ -235,8 +271,9 @@ def measure(ctx: Context, state: training.TrainState, masks: Any) -> dict[str, A
   cost = ep.cost.report(ctx.model, state.params, masks, ctx.dataset.input_shape,
                         batch_stats=state.batch_stats)
   result.update(
-      sparsity_global=summary["global"] if summary else 0.0,
-      sparsity_per_layer=summary["per_layer"] if summary else {},
+      sparsity_global=summary["sparsity"] if summary else 0.0,
+      sparsity_per_layer=({k: v["sparsity"] for k, v in summary["layers"].items()}
+                          if summary else {}),
       params_total=cost["params"]["total"], params_nonzero=cost["params"]["nonzero"],
       macs_dense=cost["macs"]["dense"], macs_effective=cost["macs"]["effective"],
       bytes_fp32_dense=cost["bytes"]["fp32_dense"], bytes_sparse=cost["bytes"]["sparse"])
@@ -290,6 +327,8 @@ def run(config: ml_collections.ConfigDict, workdir: str | pathlib.Path) -> dict:
           if config.prune.when == "during":
             state = train_pruned(ctx, method, target, seed, stage)
             return measure(ctx, state, state.opt_state.masks)
+          if method == "bezier":
+            return bezier_turns(ctx, target, dense_state(), seed, stage)
           masks = prune_once(ctx, method, target, dense_state(), seed)
           oneshot = evaluate(ctx, dense_state().replace(
               params=ep.masks.apply(dense_state().params, masks)))

@@ -63,8 +63,10 @@ def get_config() -> ml_collections.ConfigDict:
   config.prune.average_decay = 0.99  # for ema
   config.prune.average_every = "epoch"  # snapshot cadence: 'epoch' or a number of steps
   # The seed paper's rules.
+  # Bezier smart pruning: control values (a, b, c, d), a the largest (near-zero bins cut
+  # most); its strength u is searched so that the turns reach the target sparsity.
   config.prune.bezier = ml_collections.ConfigDict(
-      {"control": (0.0, 0.3, 0.7, 1.0), "u": 0.1, "mode": "scale", "turns": 3})
+      {"control": (1.0, 0.8, 0.2, 0.0), "mode": "scale", "turns": 3})
 
   config.finetune = ml_collections.ConfigDict()
   config.finetune.epochs = 10
