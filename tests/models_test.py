@@ -14,6 +14,17 @@ from evoprune.models import resnet
 _KEY = jax.random.key(0, impl="rbg")
 _IMAGE = (32, 32, 3)
 
+
+def _fast_jit(fun=None, **kwargs):
+  """jax.jit without XLA's backend optimisations: compiling each model's many random
+  initialisers dominates this file's run time, and halves this way (on this call
+  only, unlike the global `jax_disable_most_optimizations`)."""
+  options = {"xla_backend_optimization_level": 0}
+  if fun is None:
+    return lambda f: jax.jit(f, compiler_options=options, **kwargs)
+  return jax.jit(fun, compiler_options=options, **kwargs)
+
+
 # name, create() kwargs, one example's input shape.
 _ZOO = (
     ("mlp", {}, (28, 28, 1)),
@@ -22,7 +33,7 @@ _ZOO = (
     ("lenet5", {}, _IMAGE),
     ("thesis_cnn", {}, _IMAGE),
     ("resnet20", {}, _IMAGE),
-    ("mobilenet", {}, _IMAGE),
+    ("mobilenet", dict(width_multiplier=0.25), _IMAGE),  # small: unoptimised init runs slowly
     ("squeezenet", {}, _IMAGE),
     ("vit", {}, _IMAGE),
     ("gpt", {}, (8,)),
@@ -110,12 +121,12 @@ class ForwardTest(parameterized.TestCase):
   def test_eval_and_train_modes(self, name, kwargs, shape):
     model = ep.models.create(name, **kwargs)
     x = _dummy(model, shape)
-    variables = jax.jit(model.init, static_argnames="train")(
+    variables = _fast_jit(model.init, static_argnames="train")(
         {"params": _KEY, "dropout": _KEY}, x, train=False)
     classes = 65 if "gpt" in name else 10
     expected = (2, shape[0], classes) if "gpt" in name else (2, classes)
 
-    @jax.jit  # one compilation for both modes keeps the test fast
+    @_fast_jit  # one compilation for both modes
     def run(variables, x):
       train = lambda key: model.apply(
           variables, x, train=True, rngs={"dropout": key}, mutable=["batch_stats"])
@@ -141,9 +152,9 @@ class ForwardTest(parameterized.TestCase):
   def test_gpt_is_causal(self):
     model = ep.models.create("gpt", vocab_size=11, block_size=6, n_layer=2, n_head=2, n_embd=8)
     tokens = jnp.array([[1, 2, 3, 4, 5, 6]])
-    variables = jax.jit(model.init)({"params": _KEY}, tokens)
+    variables = _fast_jit(model.init)({"params": _KEY}, tokens)
     changed = tokens.at[0, 3].set(9)
-    before, after = jax.jit(jax.vmap(model.apply, (None, 0)))(
+    before, after = _fast_jit(jax.vmap(model.apply, (None, 0)))(
         variables, jnp.stack([tokens, changed]))
     np.testing.assert_allclose(before[:, :3], after[:, :3], rtol=1e-6)
     self.assertFalse(np.allclose(before[:, 3:], after[:, 3:]))
@@ -159,14 +170,14 @@ class ForwardTest(parameterized.TestCase):
     self.assertEqual(params["head"]["w_out"]["kernel"].shape, (4, 5))
 
   def test_resnet_option_a_shortcut(self):
-    # With all weights zero the residual branch is 0 (BatchNorm in eval mode with
-    # zero shift), so the block returns relu(shortcut): x subsampled with stride 2 and
-    # zero-padded from 4 to 8 channels, 2 on each side.
+    # With all variables zero the residual branch is 0 (BatchNorm scale and shift 0),
+    # so the block returns relu(shortcut): x subsampled with stride 2 and zero-padded
+    # from 4 to 8 channels, 2 on each side.
     block = resnet.BasicBlock(8, strides=2)
     x = jax.random.normal(jax.random.key(4), (1, 4, 4, 4))
-    variables = block.init(_KEY, x)
-    zeros = jax.tree.map(jnp.zeros_like, variables["params"])
-    out = block.apply({"params": zeros, "batch_stats": variables["batch_stats"]}, x)
+    variables = jax.eval_shape(block.init, _KEY, x)
+    zeros = jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), variables)
+    out = _fast_jit(block.apply)(zeros, x)
     expected = np.zeros((1, 2, 2, 8), np.float32)
     expected[..., 2:6] = np.maximum(np.asarray(x)[:, ::2, ::2, :], 0)
     np.testing.assert_allclose(out, expected, atol=1e-6)
