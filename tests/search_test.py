@@ -346,17 +346,21 @@ class EvolveTest(parameterized.TestCase):
 
   def test_evolutionary_allocation_beats_its_seeds(self):
     apply_fn, params, scores, x, y = tiny_problem(n=128)
-    uniform = lambda scores, s: np.full(len(jax.tree.leaves(scores)), s)
     results = []
     allocate = S.evolutionary_allocation(
         apply_fn, params, x, y, key=jax.random.key(0), population_size=8, generations=4,
-        metric="loss", seeds=(uniform,), on_result=results.append, evaluation="vmap")
-    vector = allocate(scores, 0.8)
+        metric="loss", seeds=(ep.allocation.uniform, ep.allocation.erk),
+        on_result=results.append, evaluation="vmap")
+    tree = allocate(scores, 0.8)
+    self.assertIsNone(tree["Dense_0"]["bias"])
+    vector = np.array(jax.tree.leaves(tree))
     budget = S.sparsity_budget(0.8, scores)
     self.assertLess(abs(budget.achieved(vector) - 0.8), 1e-6)
     fitness_fn, context = S.make_fitness(apply_fn, params, scores, x, y, metric="loss")
-    self.assertGreaterEqual(float(fitness_fn(jnp.asarray(vector), context)),
-                            float(fitness_fn(jnp.asarray([0.8, 0.8]), context)) - 1e-6)
+    erk = jnp.asarray(jax.tree.leaves(ep.allocation.erk(scores, 0.8)), jnp.float32)
+    for seed in (jnp.asarray([0.8, 0.8]), erk):
+      self.assertGreaterEqual(float(fitness_fn(jnp.asarray(vector), context)),
+                              float(fitness_fn(seed, context)) - 1e-6)
     self.assertLen(results, 1)
     self.assertEqual(results[0].history["best_vector"].shape, (4, 2))
 

@@ -159,6 +159,24 @@ def vector_of(per_layer: Any, num_layers: int) -> np.ndarray:
   return vector
 
 
+def _as_tree(scores: Scores, vector: np.ndarray) -> Any:
+  """A vector [L] as a sparsity tree like `scores` (floats at non-None leaves, else None)."""
+  leaves, treedef = jax.tree.flatten(scores, is_leaf=lambda x: x is None)
+  values = iter(float(v) for v in vector)
+  return treedef.unflatten([None if x is None else next(values) for x in leaves])
+
+
+def _first_last_bounds(upper: Any, num_layers: int, first_last: Any) -> np.ndarray:
+  """Per-layer upper bounds with the first/last layers capped ('dense': not pruned)."""
+  upper = np.broadcast_to(np.asarray(upper, np.float64), (num_layers,)).copy()
+  if first_last is None:
+    return upper
+  cap = 0.0 if first_last == "dense" else float(first_last)
+  for end in {0, num_layers - 1}:
+    upper[end] = min(upper[end], cap)
+  return upper
+
+
 def evolutionary_allocation(apply_fn: fitness_lib.ApplyFn, params: Any, x: Any, y: Any, *,
                             key: PRNGKey, strategy: str = "ga", population_size: int = 32,
                             generations: int = 30, metric: str = "accuracy_loss",
@@ -166,13 +184,15 @@ def evolutionary_allocation(apply_fn: fitness_lib.ApplyFn, params: Any, x: Any, 
                             seeds: Sequence[Callable[[Scores, float], Any]] = (),
                             evaluation: str = "auto", search_kwargs: dict | None = None,
                             on_result: Callable[[EvolveResult], None] | None = None
-                            ) -> Callable[[Scores, float], np.ndarray]:
+                            ) -> Callable[..., Any]:
   """The 'evolutionary' allocation: per-layer sparsity chosen by a search on a fixed batch.
 
   Returns a function with the signature of the `evoprune.allocation` functions,
-  `allocate(scores, sparsity) -> per-layer sparsity [L]`, that searches for the vector at
-  global sparsity `sparsity` maximising the masked model's fitness on (x, y). It runs a
-  whole search, on the host: use it for one-shot pruning, not inside a compiled step.
+  `allocate(scores, target, *, first_last=None) -> sparsity tree` (one float per non-None
+  leaf of `scores`, None elsewhere), that searches for the per-layer sparsities at global
+  sparsity `target` maximising the fitness of the model masked by `topk(scores, .)` on
+  (x, y). It runs a whole search on the host: use it for one-shot pruning (e.g.
+  `Pruner(allocation=allocate).instant(...)`), not inside a compiled step or a schedule.
 
   Args:
     apply_fn: `apply_fn(params, x) -> logits`.
@@ -186,26 +206,31 @@ def evolutionary_allocation(apply_fn: fitness_lib.ApplyFn, params: Any, x: Any, 
     metric: fitness metric (see `fitness.METRICS`).
     lower: per-layer sparsity lower bounds (float or [L]).
     upper: per-layer sparsity upper bounds (float or [L]).
-    seeds: allocations to start from, each `seed(scores, sparsity) -> per-layer` (e.g.
-      `evoprune.allocation.uniform` and `.erk`); the search evaluates them first, and with an
-      elitist strategy (GA) the result is never worse than the best of them on (x, y).
-    evaluation: population strategy.
+    seeds: allocations to start from, each `seed(scores, target) -> per-layer` (e.g.
+      `evoprune.allocation.uniform`, `.global_` and `.erk`); the search evaluates them
+      first, and with an elitist strategy (GA) the result is never worse than the best of
+      them on (x, y).
+    evaluation: population strategy (see `population.EVALUATIONS`).
     search_kwargs: extra keyword arguments of the strategy's constructor.
     on_result: called with the `EvolveResult` (e.g. to keep the history).
 
   Returns:
-    `allocate(scores, sparsity) -> float32 [L]`.
+    `allocate(scores, target, *, first_last=None)`; `first_last` is None, 'dense' or a
+    sparsity cap for the first and last prunable leaves, as in `evoprune.allocation`.
   """
   constructor = get(strategy)
 
-  def allocate(scores: Scores, sparsity: float) -> np.ndarray:
-    budget = budget_lib.sparsity_budget(float(sparsity), scores, lower=lower, upper=upper)
+  def allocate(scores: Scores, target: float, *, first_last: Any = None) -> Any:
+    num_layers = len(jax.tree.leaves(scores))
+    budget = budget_lib.sparsity_budget(
+        float(target), scores, lower=lower,
+        upper=_first_last_bounds(upper, num_layers, first_last))
     fitness_fn, context = fitness_lib.make_fitness(apply_fn, params, scores, x, y,
                                                    metric=metric)
     search = constructor(population_size, budget, **(search_kwargs or {}))
     initial = None
     if seeds:
-      vectors = [vector_of(seed(scores, float(sparsity)), budget.num_layers) for seed in seeds]
+      vectors = [vector_of(seed(scores, float(target)), budget.num_layers) for seed in seeds]
       # Seeds may miss the bounds or round differently: put them on the budget first.
       initial = np.asarray(jax.jit(jax.vmap(budget.project))(
           budget_lib.logit(np.stack(vectors))))
@@ -213,6 +238,6 @@ def evolutionary_allocation(apply_fn: fitness_lib.ApplyFn, params: Any, x: Any, 
                     initial=initial, evaluation=evaluation)
     if on_result is not None:
       on_result(result)
-    return result.best
+    return _as_tree(scores, result.best)
 
   return allocate
