@@ -116,7 +116,7 @@ class Context:
 
   def average(self) -> ep.importance.RunningAverage:
     p = self.config.prune
-    every = self.steps_per_epoch if p.average_every == "epoch" else int(p.average_every)
+    every = p.average_every or self.steps_per_epoch
     return ep.importance.RunningAverage(kind=p.average, window=p.average_window,
                                         decay=p.average_decay, every=every)
 

@@ -80,6 +80,9 @@ class Dataset:
 def val_count(val_size: int | float, num_train: int, name: str) -> int:
   """Resolves `val_size` (a count, or a fraction of the training set) to a count.
 
+  A float below 1 is a fraction; a whole-numbered float above 1 (as config overrides produce
+  for a float field, e.g. 5000.0) is a count; 1.0 is rejected as ambiguous.
+
   Raises:
     ValueError: a negative count/fraction, a fraction >= 1, or no training data left.
   """
@@ -87,6 +90,8 @@ def val_count(val_size: int | float, num_train: int, name: str) -> int:
       val_size, (int, float, np.integer, np.floating)):
     raise ValueError(f"val_size={val_size!r} must be an int count or a float fraction; pass "
                      f"e.g. 5000 or 0.1")
+  if isinstance(val_size, (float, np.floating)) and val_size > 1.0 and val_size.is_integer():
+    val_size = int(val_size)
   if isinstance(val_size, (float, np.floating)):
     if not 0.0 <= val_size < 1.0:
       raise ValueError(f"val_size={val_size} is outside [0, 1) as a fraction; pass e.g. 0.1")

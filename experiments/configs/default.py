@@ -61,7 +61,7 @@ def get_config() -> ml_collections.ConfigDict:
   config.prune.average = "linear"  # linear | sqrt_window | ema
   config.prune.average_window = 50  # snapshots, for sqrt_window
   config.prune.average_decay = 0.99  # for ema
-  config.prune.average_every = "epoch"  # snapshot cadence: 'epoch' or a number of steps
+  config.prune.average_every = 0  # snapshot cadence in steps; 0 = once per epoch (the paper)
   # The seed paper's rules.
   # Bezier smart pruning: control values (a, b, c, d), a the largest (near-zero bins cut
   # most); its strength u is searched so that the turns reach the target sparsity.
