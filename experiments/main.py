@@ -6,6 +6,7 @@ Every hyperparameter lives in the config (override any field with --config.x.y=v
 workdir defaults to ./runs/<config>-<timestamp>; a run restarted with the same workdir resumes.
 """
 
+import importlib
 import pathlib
 import time
 
@@ -16,6 +17,12 @@ import jax
 from ml_collections import config_flags
 
 from experiments import pipeline
+
+# config.study -> the module whose run(config, workdir) carries it out.
+STUDIES = {
+    "prune": "experiments.pipeline",
+    "allocation": "experiments.allocation_study",
+}
 
 _CONFIG = config_flags.DEFINE_config_file(
     "config", None, "Path to an ml_collections config file.", lock_config=True)
@@ -35,7 +42,10 @@ def main(argv):
     config_name = pathlib.Path(flags.FLAGS["config"].config_filename).stem
     workdir = f"runs/{config_name}-{time.strftime('%Y%m%d-%H%M%S')}"
   logging.info("JAX devices: %s; workdir: %s", jax.devices(), workdir)
-  summary = pipeline.run(_CONFIG.value, workdir)
+  study = _CONFIG.value.study
+  if study not in STUDIES:
+    raise ValueError(f"config.study={study!r} is unknown; use one of {sorted(STUDIES)}.")
+  summary = importlib.import_module(STUDIES[study]).run(_CONFIG.value, workdir)
   print(pipeline.format_table(summary))
   print(f"\nResults written to {workdir}/ (summary.json, report.md, metrics.jsonl, plots).")
 

@@ -17,6 +17,9 @@ import ml_collections
 def get_config() -> ml_collections.ConfigDict:
   """The default configuration."""
   config = ml_collections.ConfigDict()
+  # prune: experiments/pipeline.py (methods x targets); allocation: experiments/
+  # allocation_study.py (per-layer allocations incl. the evolutionary search).
+  config.study = "prune"
   config.seeds = (0, 1, 2)
 
   config.data = ml_collections.ConfigDict()
@@ -73,6 +76,19 @@ def get_config() -> ml_collections.ConfigDict:
   config.finetune.optimizer = "sgd"
   config.finetune.learning_rate = 0.01
   config.finetune.lr_schedule = "cosine"
+
+  # The evolutionary search over per-layer sparsity (ep.search; allocation='evolutionary').
+  config.search = ml_collections.ConfigDict()
+  config.search.strategy = "ga"  # a name of ep.search.STRATEGIES: ga | cma_es
+  config.search.population_size = 32
+  config.search.generations = 25
+  config.search.metric = "accuracy_loss"  # accuracy | loss | accuracy_loss
+  config.search.fitness_examples = 5000  # the first N validation examples (never test)
+  config.search.evaluation = "auto"  # auto | vmap | map | loop
+  config.search.lower = 0.0  # per-layer sparsity bounds
+  config.search.upper = 0.99
+  config.search.compare = ("uniform", "global", "erk", "evolutionary")
+  config.search.seed_allocations = ("uniform", "global", "erk")
 
   config.eval_batch_size = 1000
   config.progress = True  # tqdm bars
