@@ -1,8 +1,8 @@
 """Training: the TrainState, compiled train/eval programs, the fit loop and checkpoints.
 
-A whole epoch is one compiled call: the training split lives on the device and the epoch's
-shuffled batch indices (from `evoprune.data.epoch_batch_indices`) are scanned with `lax.scan`,
-so there is no host round-trip or Python dispatch per step. The optimizer may be any optax
+A whole epoch (or a fixed number of steps) is one compiled call: the training split lives on
+the device and the epoch's shuffled batch indices (from `evoprune.data.epoch_batch_indices`)
+are scanned with `lax.scan`, so there is no host round-trip or Python dispatch per step. The optimizer may be any optax
 `GradientTransformation`, including `evoprune.Pruner.wrap(...)`, whose masks live in the
 optimizer state: checkpointing and resuming need nothing special for pruning.
 """
@@ -169,8 +169,9 @@ def make_train_epoch(model: nn.Module, tx: optax.GradientTransformation, *,
   """Returns `train_epoch(state, x, y, batch_indices) -> (state, metrics)`, compiled once.
 
   `x` [N, ...], `y` [N] is the whole training split (device-resident) and `batch_indices`
-  [steps, B] the epoch's batches; metrics are per-step arrays [steps]. The state buffers are
-  donated, so the previous state must not be used after the call.
+  [steps, B] the batches to take, usually a whole epoch (compiled once per `steps`);
+  metrics are per-step arrays [steps]. The state buffers are donated, so the previous state
+  must not be used after the call.
   """
   step = functools.partial(train_step, model=model, tx=tx, label_smoothing=label_smoothing,
                            augment=augment)
@@ -246,20 +247,32 @@ def _truncate_events(path: pathlib.Path, stage: str, after_step: int) -> None:
 
 @dataclasses.dataclass(frozen=True)
 class FitConfig:
-  """Loop settings of `fit` (the optimizer and model are arguments of their own)."""
+  """Loop settings of `fit` (the optimizer and model are arguments of their own).
+
+  Attributes:
+    steps_per_call: optimizer steps per compiled call (0 = a whole epoch). Shorter calls
+      let checkpoints fall inside an epoch; each call length compiles once.
+    checkpoint_every_steps: checkpoint at the end of every call that passes a multiple of
+      this many steps (0 = use `checkpoint_every_epochs`). A checkpoint is always written
+      at the end.
+  """
   epochs: int
   batch_size: int
   seed: int = 0
   label_smoothing: float = 0.0
   augment: bool = False
   checkpoint_every_epochs: int = 1
+  checkpoint_every_steps: int = 0
+  steps_per_call: int = 0
   eval_every_epochs: int = 1
   progress: bool = True
 
   def __post_init__(self):
-    for name in ("epochs", "batch_size", "checkpoint_every_epochs", "eval_every_epochs"):
-      if getattr(self, name) < (0 if name == "epochs" else 1):
-        raise ValueError(f"{name}={getattr(self, name)} must be positive.")
+    minimum = {"epochs": 0, "batch_size": 1, "checkpoint_every_epochs": 1,
+               "checkpoint_every_steps": 0, "steps_per_call": 0, "eval_every_epochs": 1}
+    for name, low in minimum.items():
+      if getattr(self, name) < low:
+        raise ValueError(f"{name}={getattr(self, name)} must be >= {low}.")
 
 
 def fit(model: nn.Module, tx: optax.GradientTransformation, state: TrainState,
@@ -268,26 +281,36 @@ def fit(model: nn.Module, tx: optax.GradientTransformation, state: TrainState,
         ) -> tuple[TrainState, dict]:
   """Trains `state` for `config.epochs` epochs, resuming from `workdir`'s checkpoints.
 
-  Each epoch is one compiled call. With a `workdir`, orbax checkpoints go to
-  `workdir/checkpoints/<stage>` every `checkpoint_every_epochs` epochs and at the end, and
-  evaluation events are appended to `workdir/metrics.jsonl`. Restarted with the same workdir,
-  training continues from the last checkpoint and ends with exactly the parameters and
-  metrics of an uninterrupted run (the data order and per-step keys depend only on the seed,
-  the epoch and the step).
+  Training runs in compiled calls of `steps_per_call` steps (a whole epoch by default).
+  With a `workdir`, orbax checkpoints go to `workdir/checkpoints/<stage>` (see FitConfig)
+  and one event per call is appended to `workdir/metrics.jsonl` (train loss/accuracy over
+  the call, plus validation metrics at evaluated epoch ends). Restarted with the same
+  workdir, training continues from the last checkpoint, mid-epoch if need be, and ends with
+  exactly the parameters and events of an uninterrupted run: the data order and per-step
+  keys depend only on the seed, the epoch and the step.
 
   Returns:
     The final state and the last evaluation {'val_loss', 'val_accuracy', 'train_loss', ...}.
 
   Raises:
-    NonFiniteLossError: when an epoch's loss is NaN/Inf (naming the first bad step); the
-      last good checkpoint is left in place.
+    NonFiniteLossError: when a loss is NaN/Inf (naming the first bad step); the last good
+      checkpoint is left in place.
   """
   steps_per_epoch = data_lib.steps_per_epoch(dataset.train, config.batch_size)
+  steps_per_call = min(config.steps_per_call or steps_per_epoch, steps_per_epoch)
+  total_steps = config.epochs * steps_per_epoch
   x_train, y_train = jnp.asarray(dataset.train.x), jnp.asarray(dataset.train.y)
   x_val, y_val = jnp.asarray(dataset.val.x), jnp.asarray(dataset.val.y)
-  train_epoch = make_train_epoch(model, tx, label_smoothing=config.label_smoothing,
+  train_steps = make_train_epoch(model, tx, label_smoothing=config.label_smoothing,
                                  augment=data_lib.augment if config.augment else None)
   evaluate = make_evaluate(model)
+
+  def checkpoint_due(before: int, after: int) -> bool:
+    if after == total_steps:
+      return True
+    if config.checkpoint_every_steps:
+      return after // config.checkpoint_every_steps > before // config.checkpoint_every_steps
+    return after % (config.checkpoint_every_epochs * steps_per_epoch) == 0
 
   manager, metrics_path = None, None
   if workdir is not None:
@@ -302,49 +325,53 @@ def fit(model: nn.Module, tx: optax.GradientTransformation, state: TrainState,
     # Events past the checkpoint (or all of them, without one) are recomputed now.
     _truncate_events(metrics_path, stage, int(state.step))
 
-  # The compiled epoch donates its input; copy once so the caller's arrays (which may be
+  # The compiled calls donate their input; copy once so the caller's arrays (which may be
   # shared with other states, e.g. the dense model a pruned copy started from) stay valid.
   state = jax.tree.map(jnp.copy, state)
-  start_epoch = int(state.step) // steps_per_epoch
+  step = int(state.step)
   last_eval: dict = {}
-  bar = tqdm.trange(start_epoch, config.epochs, desc=stage, disable=not config.progress,
-                    initial=start_epoch, total=config.epochs, leave=False)
+  bar = tqdm.tqdm(desc=stage, total=total_steps, initial=step, disable=not config.progress,
+                  leave=False, unit="step")
   try:
-    for epoch in bar:
+    while step < total_steps:
+      epoch, offset = divmod(step, steps_per_epoch)
+      count = min(steps_per_call, steps_per_epoch - offset)
       batch_indices = data_lib.epoch_batch_indices(len(dataset.train.y), config.batch_size,
                                                    seed=config.seed, epoch=epoch)
-      first_step = int(state.step)  # read before the call: the state's buffers are donated
-      state, metrics = train_epoch(state, x_train, y_train, jnp.asarray(batch_indices))
+      state, metrics = train_steps(state, x_train, y_train,
+                                   jnp.asarray(batch_indices[offset:offset + count]))
       losses = np.asarray(metrics["loss"])
       if not np.all(np.isfinite(losses)):
-        bad_step = first_step + int(np.argmin(np.isfinite(losses)))
+        bad_step = step + int(np.argmin(np.isfinite(losses)))
         raise NonFiniteLossError(
             f"{stage}: non-finite loss at step {bad_step} (epoch {epoch}); the last good "
             f"checkpoint is kept. Lower the learning rate or check the data.")
-      done = epoch + 1
-      if manager is not None and (done % config.checkpoint_every_epochs == 0
-                                  or done == config.epochs):
-        manager.save(int(state.step), args=ocp.args.StandardSave(state))
-      if done % config.eval_every_epochs == 0 or done == config.epochs:
+      before, step = step, step + count
+      bar.update(count)
+      if manager is not None and checkpoint_due(before, step):
+        manager.save(step, args=ocp.args.StandardSave(state))
+      event = {"stage": stage, "epoch": step / steps_per_epoch, "step": step,
+               "train_loss": float(losses.mean()),
+               "train_accuracy": float(np.mean(metrics["accuracy"])), "time": time.time()}
+      epoch_done = step % steps_per_epoch == 0
+      if epoch_done and ((epoch + 1) % config.eval_every_epochs == 0 or step == total_steps):
         val = evaluate(state.params, state.batch_stats, x_val, y_val)
-        last_eval = {"stage": stage, "epoch": done, "step": int(state.step),
-                     "train_loss": float(losses.mean()),
-                     "train_accuracy": float(np.mean(metrics["accuracy"])),
-                     "val_loss": float(val["loss"]), "val_accuracy": float(val["accuracy"]),
-                     "time": time.time()}
-        bar.set_postfix(loss=f"{last_eval['train_loss']:.3f}",
-                        val_acc=f"{last_eval['val_accuracy']:.3f}")
-        logging.info("%s epoch %d: %s", stage, done,
-                     {k: v for k, v in last_eval.items() if k not in ("stage", "time")})
-        if metrics_path is not None:
-          append_jsonl(metrics_path, last_eval)
-        if on_epoch_end is not None:
-          on_epoch_end(state, last_eval)
+        event.update(epoch=epoch + 1, val_loss=float(val["loss"]),
+                     val_accuracy=float(val["accuracy"]))
+        last_eval = event
+        bar.set_postfix(loss=f"{event['train_loss']:.3f}", val_acc=f"{event['val_accuracy']:.3f}")
+        logging.info("%s epoch %d: %s", stage, epoch + 1,
+                     {k: v for k, v in event.items() if k not in ("stage", "time")})
+      if metrics_path is not None and (steps_per_call < steps_per_epoch or "val_loss" in event):
+        append_jsonl(metrics_path, event)
+      if on_epoch_end is not None and "val_loss" in event:
+        on_epoch_end(state, event)
   finally:
+    bar.close()
     if manager is not None:
       manager.wait_until_finished()
       manager.close()
-  if not last_eval:  # resumed after the last epoch: report the final state's metrics
+  if not last_eval:  # resumed after the last step: report the final state's metrics
     val = evaluate(state.params, state.batch_stats, x_val, y_val)
     last_eval = {"stage": stage, "epoch": config.epochs, "step": int(state.step),
                  "val_loss": float(val["loss"]), "val_accuracy": float(val["accuracy"])}

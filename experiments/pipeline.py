@@ -103,6 +103,7 @@ class Context:
     return training.FitConfig(
         epochs=epochs, batch_size=c.batch_size, seed=seed, label_smoothing=c.label_smoothing,
         augment=c.augment, checkpoint_every_epochs=c.checkpoint_every_epochs,
+        checkpoint_every_steps=c.checkpoint_every_steps, steps_per_call=c.steps_per_call,
         eval_every_epochs=c.eval_every_epochs, progress=self.config.progress)
 
   def optimizer(self, section: ml_collections.ConfigDict, epochs: int

@@ -1,7 +1,9 @@
 """Tests for evoprune.training: compiled epochs, resume equivalence, the NaN stop."""
 
+import dataclasses
 import json
 import pathlib
+import shutil
 import tempfile
 
 from absl.testing import absltest
@@ -98,6 +100,35 @@ class TrainingTest(parameterized.TestCase):
     strip = lambda lines: [{k: v for k, v in json.loads(l).items() if k != "time"}
                            for l in lines]
     self.assertEqual(strip(events_a), strip(events_b))
+
+  def test_resume_mid_epoch_from_step_checkpoints(self):
+    model, tx, state, config = make()
+    config = dataclasses.replace(config, steps_per_call=3, checkpoint_every_steps=5)
+    with tempfile.TemporaryDirectory() as a, tempfile.TemporaryDirectory() as b:
+      full, _ = training.fit(model, tx, state, DATASET, config, workdir=a)
+
+      def stop_after_two(state, event):
+        if event["epoch"] == 2:
+          raise Interrupt()
+
+      with self.assertRaises(Interrupt):
+        training.fit(model, tx, make()[2], DATASET, config, workdir=b,
+                     on_epoch_end=stop_after_two)
+      # Calls end at steps 3, 6, 8, 11, 14, 16; checkpoints where a multiple of 5 is
+      # passed: 6, 11, 16. Drop 16, as if the process died before writing it: the run
+      # resumes from step 11, in the middle of epoch 2.
+      checkpoints = pathlib.Path(b) / "checkpoints" / "train"
+      self.assertEqual(sorted(int(p.name) for p in checkpoints.iterdir() if p.name.isdigit()),
+                       [11, 16])
+      shutil.rmtree(checkpoints / "16")
+      resumed, _ = training.fit(model, tx, make()[2], DATASET, config, workdir=b)
+      strip = lambda d: [{k: v for k, v in json.loads(l).items() if k != "time"}
+                         for l in (pathlib.Path(d) / "metrics.jsonl").read_text().splitlines()]
+      events_a, events_b = strip(a), strip(b)
+    for want, got in zip(jax.tree.leaves(full.params), jax.tree.leaves(resumed.params)):
+      np.testing.assert_array_equal(want, got)
+    self.assertEqual(events_a, events_b)
+    self.assertEqual([e["step"] for e in events_a][:4], [3, 6, 8, 11])
 
   def test_non_finite_loss_stops_and_keeps_checkpoint(self):
     model, tx, state, config = make(lr=1e6)

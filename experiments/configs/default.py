@@ -44,6 +44,8 @@ def get_config() -> ml_collections.ConfigDict:
   config.train.label_smoothing = 0.0
   config.train.augment = False  # CIFAR random crop + flip, inside the compiled step
   config.train.checkpoint_every_epochs = 5
+  config.train.checkpoint_every_steps = 0  # > 0: checkpoint every N steps instead
+  config.train.steps_per_call = 0  # steps per compiled call; 0 = one epoch
   config.train.eval_every_epochs = 5
 
   config.prune = ml_collections.ConfigDict()
