@@ -11,8 +11,12 @@ Prunable leaves: all kernels, depthwise ones included (they are `kernel` leaves 
 ndim 4, and `cost.report` counts their MACs). Set `prune_depthwise=False` to keep the
 depthwise kernels dense: they hold ~1% of the weights but every one of them is a whole
 3x3 filter of a channel, so pruning them hurts more per weight.
+
+`channels` (stem and the 13 pointwise widths; depthwise layers keep their input's) lets
+structured surgery (`evoprune.surgery.shrink`) build the smaller model.
 """
 
+from collections.abc import Sequence
 from typing import Any
 
 import flax.linen as nn
@@ -55,16 +59,23 @@ class MobileNetV1(nn.Module):
     num_classes: output logits.
     width_multiplier: alpha; channels become `max(1, int(c * alpha))`.
     prune_depthwise: whether depthwise kernels are prunable (see module docstring).
+    channels: output channels of the stem and of the 13 pointwise convolutions; None
+      for the paper's channels times `width_multiplier` (which explicit values ignore).
   """
 
   num_classes: int = 10
   width_multiplier: float = 1.0
   prune_depthwise: bool = True
+  channels: Sequence[int] | None = None
 
   def __post_init__(self):
     if not self.width_multiplier > 0:
       raise ValueError(
           f"width_multiplier={self.width_multiplier} must be > 0; pass e.g. 1.0 or 0.5")
+    if self.channels is not None and (
+        len(self.channels) != len(_BLOCKS) + 1 or any(int(c) < 1 for c in self.channels)):
+      raise ValueError(f"channels={tuple(self.channels)!r} must hold {len(_BLOCKS) + 1} "
+                       "positive widths (stem, then each block); pass None for the paper's")
     super().__post_init__()
 
   def _channels(self, c: int) -> int:
@@ -96,8 +107,10 @@ class MobileNetV1(nn.Module):
       [B, num_classes] logits.
     """
     names = layers.indexed_names("block", len(_BLOCKS) + 1, min_width=2)
-    x = layers.ConvBN(self._channels(_STEM_CHANNELS), name=names[0])(x, train)
-    for (features, strides), name in zip(_BLOCKS, names[1:]):
-      x = SeparableBlock(self._channels(features), strides, name=name)(x, train)
+    channels = self.channels or [self._channels(c) for c in (_STEM_CHANNELS, *(
+        features for features, _ in _BLOCKS))]
+    x = layers.ConvBN(int(channels[0]), name=names[0])(x, train)
+    for (_, strides), features, name in zip(_BLOCKS, channels[1:], names[1:]):
+      x = SeparableBlock(int(features), strides, name=name)(x, train)
     x = layers.global_avg_pool(x)
     return nn.Dense(self.num_classes, name="head")(x)
