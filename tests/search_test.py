@@ -309,7 +309,7 @@ class PopulationTest(parameterized.TestCase):
   def test_auto_choice_on_cpu(self):
     small = population_lib.Profile("cpu", flops=1e4, temp_bytes=1e3, has_conv=False)
     dense = population_lib.Profile("cpu", flops=6e8, temp_bytes=5e6, has_conv=False)
-    conv = population_lib.Profile("cpu", flops=1e6, temp_bytes=1e5, has_conv=True)
+    conv = population_lib.Profile("cpu", flops=1e4, temp_bytes=1e5, has_conv=True)
     self.assertEqual(population_lib.choose(small, 128), ("vmap", None))
     self.assertEqual(population_lib.choose(dense, 128), ("map", 1))
     self.assertEqual(population_lib.choose(conv, 128), ("map", 1))

@@ -1,0 +1,145 @@
+r"""Population evaluation throughput: vmap vs chunked lax.map vs a Python loop.
+
+  python -m benchmarks.search [--out FILE.json] [--smoke]
+
+For LeNet-300-100 (an MNIST-shaped validation batch of 1024) and the thesis CNN (a
+CIFAR-shaped batch of 256), and populations P in {8, 32, 128} of sparsity vectors on a 0.9
+global-sparsity budget, measures candidates evaluated per second by each strategy of
+`evoprune.search.population`:
+  - 'vmap': the whole population vmapped;
+  - 'map:1', 'map:8': `lax.map` with batch_size 1 (a scan) and 8 (chunks of 8 vmapped);
+  - 'loop': a Python loop over one jitted single-candidate evaluation (the baseline);
+and marks the automatic choice ('auto': the strategy name it picks). All strategies
+evaluate the same fitness function (ranked masks + forward pass + accuracy/loss) on the same
+population, side by side in one process; each figure is the median over repeats after a
+warm-up call, timed with `block_until_ready`. A vmap whose temporaries would exceed the
+automatic choice's memory budget is skipped (reported as null), which is the point of
+chunking. Weights are random: throughput does not depend on their values.
+
+JSON: {"<model>": {"P<n>": {"<strategy>": candidates_per_s | null, ..., "auto": name}}}.
+On a shared 2-core CPU only the ratios between strategies are meaningful.
+"""
+
+import argparse
+import json
+import time
+from typing import Any, Callable
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+import evoprune as ep
+from evoprune.search import population as population_lib
+
+FULL = {
+    "lenet300_100": dict(input_shape=(28, 28, 1), batch=1024),
+    "thesis_cnn": dict(input_shape=(32, 32, 3), batch=256),
+}
+SMOKE = {
+    "lenet300_100": dict(input_shape=(28, 28, 1), batch=8),
+    "thesis_cnn": dict(input_shape=(32, 32, 3), batch=2),
+}
+STRATEGIES = (("vmap", None), ("map", 1), ("map", 8), ("loop", None))
+
+
+def _name(strategy: str, chunk: int | None) -> str:
+  return strategy if chunk is None else f"{strategy}:{chunk}"
+
+
+def problem(model_name: str, input_shape: tuple[int, ...], batch: int, seed: int = 0
+            ) -> tuple[Callable, Any, int, Any]:
+  """Fitness, context, layer count and budget for a model with random weights."""
+  model = ep.models.create(model_name, num_classes=10)
+  rng = np.random.default_rng(seed)
+  x = rng.normal(size=(batch,) + tuple(input_shape)).astype(np.float32)
+  y = rng.integers(0, 10, batch).astype(np.int32)
+  params = model.init(jax.random.key(seed), jnp.asarray(x[:1]))["params"]
+  template = ep.masks.init(params)
+  scores = jax.tree.map(lambda m, p: None if m is None else jnp.abs(p), template, params,
+                        is_leaf=lambda v: v is None)
+  apply_fn = lambda p, xb: model.apply({"params": p}, xb, train=False)
+  fitness_fn, context = ep.search.make_fitness(apply_fn, params, scores, x, y,
+                                               metric="accuracy_loss")
+  budget = ep.search.sparsity_budget(0.9, scores)
+  return fitness_fn, context, budget.num_layers, budget
+
+
+def timed(fn: Callable[[], jax.Array], min_repeats: int, max_seconds: float) -> float:
+  """Median seconds of `fn()` after one warm-up call (compilation excluded)."""
+  jax.block_until_ready(fn())
+  times = []
+  start = time.perf_counter()
+  # At least `min_repeats`, then more (up to 20) while the time allowance lasts.
+  while len(times) < min_repeats or (time.perf_counter() - start < max_seconds
+                                     and len(times) < 20):
+    t = time.perf_counter()
+    jax.block_until_ready(fn())
+    times.append(time.perf_counter() - t)
+  return float(np.median(times))
+
+
+def run(models: dict[str, dict], sizes: tuple[int, ...], *, min_repeats: int = 3,
+        max_seconds: float = 20.0, log: Callable[[str], None] = print
+        ) -> dict[str, dict[str, dict[str, Any]]]:
+  """Measures every (model, P, strategy); returns the JSON-ready results."""
+  results: dict[str, dict[str, dict[str, Any]]] = {}
+  for model_name, spec in models.items():
+    fitness_fn, context, num_layers, budget = problem(model_name, **spec)
+    prof = population_lib.profile(fitness_fn, context, num_layers)
+    log(f"{model_name}: batch {spec['batch']}, {prof.flops / 1e6:.1f} MFLOP and "
+        f"{prof.temp_bytes / 2**20:.1f} MiB of temporaries per candidate, "
+        f"conv={prof.has_conv}, backend={prof.backend}")
+    results[model_name] = {}
+    for p in sizes:
+      logits = ep.search.logit(budget.uniform()) + 0.5 * jax.random.normal(
+          jax.random.key(p), (p, num_layers))
+      population = jax.jit(jax.vmap(budget.project))(logits)
+      auto, auto_chunk = population_lib.choose(prof, p)
+      row: dict[str, Any] = {}
+      for strategy, chunk in STRATEGIES:
+        name = _name(strategy, chunk)
+        if strategy == "vmap" and prof.temp_bytes * p > population_lib._CPU_MEMORY_BYTES * (
+            1 if prof.backend == "cpu" else 4):
+          row[name] = None  # would exceed the memory budget that chunking respects
+          continue
+        evaluator = ep.search.make_evaluator(fitness_fn, context, p, num_layers,
+                                             strategy=strategy, chunk_size=chunk)
+        evaluate = (jax.jit(evaluator.evaluate) if evaluator.traceable
+                    else evaluator.evaluate)
+        seconds = timed(lambda: evaluate(population, context), min_repeats, max_seconds)
+        row[name] = p / seconds
+      auto_name = _name(auto, auto_chunk)
+      if auto_name not in row:  # an automatic chunk the fixed list does not cover
+        evaluator = ep.search.make_evaluator(fitness_fn, context, p, num_layers,
+                                             strategy=auto, chunk_size=auto_chunk)
+        evaluate = jax.jit(evaluator.evaluate)
+        row[auto_name] = p / timed(lambda: evaluate(population, context), min_repeats,
+                                   max_seconds)
+      row["auto"] = auto_name
+      results[model_name][f"P{p}"] = row
+      loop = row["loop"]
+      cells = "  ".join(
+          f"{k}={'skipped' if v is None else f'{v:8.1f}/s ({v / loop:4.2f}x)'}"
+          for k, v in row.items() if k != "auto")
+      log(f"  P={p:<4d} {cells}  auto={auto_name}")
+  return results
+
+
+def main(argv: list[str] | None = None) -> dict:
+  parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+  parser.add_argument("--out", help="write the JSON results to this file")
+  parser.add_argument("--smoke", action="store_true", help="tiny sizes, seconds")
+  args = parser.parse_args(argv)
+  if args.smoke:
+    results = run(SMOKE, (4,), min_repeats=1, max_seconds=0.0)
+  else:
+    results = run(FULL, (8, 32, 128))
+  if args.out:
+    with open(args.out, "w", encoding="utf-8") as f:
+      json.dump(results, f, indent=2, sort_keys=True)
+  return results
+
+
+if __name__ == "__main__":
+  main()
