@@ -1,5 +1,7 @@
 """Tests for evoprune.search: budgets, GA and CMA-ES, fitness, population evaluation, evolve."""
 
+import functools
+
 from absl.testing import absltest
 from absl.testing import parameterized
 import flax.linen as nn
@@ -48,7 +50,13 @@ class TinyCNN(nn.Module):
 
 def tiny_problem(model=None, n=64, seed=0):
   """A small model with random weights, its magnitude scores and a labelled batch."""
-  model = model or TinyMLP()
+  return _tiny_problem(type(model or TinyMLP()), n, seed)
+
+
+@functools.lru_cache(maxsize=None)
+def _tiny_problem(model_class, n, seed):
+  # Cached: building it runs the model eagerly, which costs more than most tests.
+  model = model_class()
   rng = np.random.default_rng(seed)
   shape = (n, 6, 6, 1) if isinstance(model, TinyCNN) else (n, 8)
   x = rng.normal(size=shape).astype(np.float32)
