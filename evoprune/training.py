@@ -125,9 +125,12 @@ def cross_entropy(logits: jax.Array, labels: jax.Array, label_smoothing: float =
   return optax.softmax_cross_entropy(logits, targets).mean()
 
 
-def _apply(model: nn.Module, params: Params, batch_stats: Any, x: jax.Array, *, train: bool,
+def apply_model(model: nn.Module, params: Params, batch_stats: Any, x: jax.Array, *, train: bool,
            key: jax.Array | None = None):
-  """Runs the model; returns (logits, new_batch_stats)."""
+  """Runs a linen model with or without batch norm; returns (logits, new_batch_stats).
+
+  In training mode batch statistics are updated (returned) and dropout uses `key`.
+  """
   variables = {"params": params}
   if batch_stats:
     variables["batch_stats"] = batch_stats
@@ -151,7 +154,7 @@ def train_step(state: TrainState, x: jax.Array, y: jax.Array, *, model: nn.Modul
     x = augment(augment_key, x)
 
   def loss_fn(params):
-    logits, batch_stats = _apply(model, params, state.batch_stats, x, train=True,
+    logits, batch_stats = apply_model(model, params, state.batch_stats, x, train=True,
                                  key=dropout_key)
     return cross_entropy(logits, y, label_smoothing), (logits, batch_stats)
 
@@ -203,7 +206,7 @@ def make_evaluate(model: nn.Module, batch_size: int = 1000) -> Callable:
 
     def body(totals, batch):
       xb, yb, wb = batch
-      logits, _ = _apply(model, params, batch_stats, xb, train=False)
+      logits, _ = apply_model(model, params, batch_stats, xb, train=False)
       losses = optax.softmax_cross_entropy_with_integer_labels(logits, yb)
       correct = jnp.argmax(logits, -1) == yb
       return (totals[0] + jnp.sum(losses * wb), totals[1] + jnp.sum(correct * wb)), None

@@ -159,7 +159,7 @@ def gradient_batch(ctx: Context, state: training.TrainState, size: int = 256) ->
   y = jnp.asarray(ctx.dataset.train.y[:size])
 
   def loss(params):
-    logits, _ = training._apply(ctx.model, params, state.batch_stats, x, train=False)
+    logits, _ = training.apply_model(ctx.model, params, state.batch_stats, x, train=False)
     return training.cross_entropy(logits, y)
 
   return jax.grad(loss)(state.params)
