@@ -125,8 +125,8 @@ def cross_entropy(logits: jax.Array, labels: jax.Array, label_smoothing: float =
   return optax.softmax_cross_entropy(logits, targets).mean()
 
 
-def apply_model(model: nn.Module, params: Params, batch_stats: Any, x: jax.Array, *, train: bool,
-           key: jax.Array | None = None):
+def apply_model(model: nn.Module, params: Params, batch_stats: Any, x: jax.Array, *,
+                train: bool, key: jax.Array | None = None):
   """Runs a linen model with or without batch norm; returns (logits, new_batch_stats).
 
   In training mode batch statistics are updated (returned) and dropout uses `key`.
