@@ -22,7 +22,10 @@ padded taps included (the usual convention of MAC counters); XLA skips padded ta
 so it reports ~7% fewer for ResNet-20 on 32x32 inputs. Effective MACs
 assume unstructured sparsity skips the products of zero weights: a layer's dense MACs
 times the fraction of nonzero entries of `params * mask` in its weight (this equals the
-mask's density unless kept weights are themselves zero).
+mask's density unless kept weights are themselves zero). Physical MACs (`physical=True`)
+are those of the model that `evoprune.surgery.shrink` builds (non-strict: pruned channels
+whose constants cannot be folded exactly stay), i.e. what structured pruning really buys;
+unstructured zeros inside the remaining layers are not subtracted from them.
 
 Bytes: `fp32_dense` = 4 bytes per parameter; `sparse` = for each prunable leaf (mask not
 None; with `masks=None`, `evoprune.models.prunable`) 4 bytes per nonzero value plus a
@@ -55,6 +58,7 @@ def report(
     *,
     batch_stats: Any = None,
     input_dtype: Any = None,
+    physical: bool = False,
 ) -> dict[str, Any]:
   """Counts parameters, nonzeros, per-example MACs and storage of a (masked) model.
 
@@ -69,6 +73,10 @@ def report(
       derived from `model.init` otherwise (only shapes matter for the counts).
     input_dtype: dtype of the dummy input; defaults to the model's `input_dtype`
       attribute (GPT: int32) or float32.
+    physical: also count the model after structured surgery (`evoprune.surgery.shrink`):
+      adds `params["physical"]`, `macs["physical"]` and per layer `params_physical` and
+      `macs_physical`. Needs a model that surgery supports, and `batch_stats` for
+      BatchNorm models.
 
   Returns:
     A dict of plain Python ints and lists (JSON-serialisable):
@@ -81,7 +89,8 @@ def report(
     flatten order.
 
   Raises:
-    ValueError: a bad `input_shape`, or `masks` that do not match `params`.
+    ValueError: a bad `input_shape`, `masks` that do not match `params`, or with
+      `physical=True` a model surgery does not support or missing `batch_stats`.
   """
   input_shape = _check_input_shape(input_shape)
   leaves = _leaves_with_mask(params, masks)
@@ -115,13 +124,41 @@ def report(
       _BYTES_PER_VALUE * e["nonzero"] + math.ceil(e["params"] / 8) if e["prunable"]
       else _BYTES_PER_VALUE * e["params"] for e in param_entries)
   total = sum(e["params"] for e in param_entries)
-  return {
+  result = {
       "params": {"total": total, "nonzero": sum(e["nonzero"] for e in param_entries)},
       "macs": {"dense": sum(e["macs_dense"] for e in ordered.values()),
                "effective": sum(e["macs_effective"] for e in ordered.values())},
       "bytes": {"fp32_dense": _BYTES_PER_VALUE * total, "sparse": sparse_bytes},
       "layers": ordered,
   }
+  if physical:
+    _add_physical(result, model, params, masks, input_shape, batch_stats, input_dtype)
+  return result
+
+
+def _add_physical(result: dict[str, Any], model: nn.Module, params: Params,
+                  masks: Masks | None, input_shape: tuple[int, ...], batch_stats: Any,
+                  input_dtype: Any) -> None:
+  """Adds the counts of the shrunk model to a `report` result, layer by layer."""
+  from evoprune import surgery  # pylint: disable=g-import-not-at-top  (surgery imports models)
+  variables = {"params": params}
+  if batch_stats is not None:
+    variables["batch_stats"] = batch_stats
+  elif "batch_stats" in jax.eval_shape(
+      lambda: model.init({"params": jax.random.key(0), "dropout": jax.random.key(0)},
+                         jnp.zeros((1, *input_shape), input_dtype or jnp.float32),
+                         train=False)):
+    raise ValueError(f"physical=True needs the batch_stats of {type(model).__name__} (its "
+                     "BatchNorm statistics decide which channels fold); pass batch_stats=")
+  small_model, small = surgery.shrink(model, variables, masks, strict=False)
+  small_cost = report(small_model, small["params"], None, input_shape,
+                      batch_stats=small.get("batch_stats"), input_dtype=input_dtype)
+  for path, entry in result["layers"].items():
+    other = small_cost["layers"].get(path, {})
+    entry["params_physical"] = other.get("params", 0)
+    entry["macs_physical"] = other.get("macs_dense", 0)
+  result["params"]["physical"] = small_cost["params"]["total"]
+  result["macs"]["physical"] = small_cost["macs"]["dense"]
 
 
 def format_table(cost: Mapping[str, Any]) -> str:
@@ -133,18 +170,22 @@ def format_table(cost: Mapping[str, Any]) -> str:
   Returns:
     A multi-line string.
   """
-  header = ("layer", "shape", "params", "nonzero", "density", "MACs dense", "MACs eff.")
+  physical = "physical" in cost["macs"]
+  header = ("layer", "shape", "params", "nonzero", "density", "MACs dense", "MACs eff.",
+            *(("MACs phys.",) if physical else ()))
   rows = []
   for path, e in cost["layers"].items():
     density = f"{e['nonzero'] / e['params']:.3f}" if e["params"] else "-"
     shape = "x".join(map(str, e["shape"])) or "-"
     rows.append((path + (" *" if e["prunable"] else ""), shape, f"{e['params']:,}",
                  f"{e['nonzero']:,}", density, f"{e['macs_dense']:,}",
-                 f"{e['macs_effective']:,}"))
+                 f"{e['macs_effective']:,}",
+                 *((f"{e['macs_physical']:,}",) if physical else ())))
   p, m, b = cost["params"], cost["macs"], cost["bytes"]
   density = f"{p['nonzero'] / p['total']:.3f}" if p["total"] else "-"
   rows.append(("total", "", f"{p['total']:,}", f"{p['nonzero']:,}", density,
-               f"{m['dense']:,}", f"{m['effective']:,}"))
+               f"{m['dense']:,}", f"{m['effective']:,}",
+               *((f"{m['physical']:,}",) if physical else ())))
   widths = [max(len(r[i]) for r in [header, *rows]) for i in range(len(header))]
 
   def line(row: tuple[str, ...]) -> str:
