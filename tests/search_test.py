@@ -10,6 +10,7 @@ import jax.numpy as jnp
 import numpy as np
 
 import evoprune as ep
+from evoprune.search import driver
 from evoprune.search import population as population_lib
 
 S = ep.search
@@ -351,6 +352,12 @@ class EvolveTest(parameterized.TestCase):
     np.testing.assert_allclose(runs[0]["best_fitness"], runs[1]["best_fitness"], rtol=1e-4)
     self.assertEqual(set(runs[0]), {"best_fitness", "mean_fitness", "worst_fitness",
                                     "best_so_far_fitness", "best_vector"})
+
+  def test_first_last_caps_the_end_layers(self):
+    upper = driver._first_last_bounds(0.99, 4, "dense")
+    np.testing.assert_allclose(upper, [0.0, 0.99, 0.99, 0.0])
+    np.testing.assert_allclose(driver._first_last_bounds([0.9, 0.95, 0.5], 3, 0.8),
+                               [0.8, 0.95, 0.5])
 
   def test_evolutionary_allocation_beats_its_seeds(self):
     apply_fn, params, scores, x, y = tiny_problem(n=128)

@@ -78,7 +78,8 @@ def evolve(key: PRNGKey, search: base.MaskSearch, fitness_fn: fitness_lib.Fitnes
   """Runs `search` for `generations` generations and returns the best vector found.
 
   Args:
-    key: base key; generation g uses `fold_in(key, g)` (init uses a separate fold).
+    key: base key, split into an init key and a run key; generation g uses
+      `fold_in(run_key, g)`.
     search: a `MaskSearch` (e.g. `ga(32, budget)`).
     fitness_fn: `fitness_fn(candidate [L], context) -> scalar`, higher is better.
     context: the pytree every candidate shares.
@@ -104,7 +105,7 @@ def evolve(key: PRNGKey, search: base.MaskSearch, fitness_fn: fitness_lib.Fitnes
   if scan and not evaluator.traceable:
     raise ValueError("scan=True needs a traceable evaluation; use evaluation='vmap', 'map' or "
                      "'auto' (not 'loop').")
-  init_key = jax.random.fold_in(key, -1 % 2**31)
+  init_key, key = jax.random.split(key)
   state = jax.jit(search.init)(init_key, initial)
 
   if evaluator.traceable:
