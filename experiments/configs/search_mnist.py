@@ -20,8 +20,8 @@ uniform/global/ERK, by construction of the elitist, seeded search and measured w
 uniform collapses at 0.98 while global/ERK/evolutionary keep most of the accuracy; after
 fine-tuning the allocations move closer together.
 
-Fields beyond default.py (the lead declares them there): `config.study` and the
-`config.search` section below.
+The search settings are default.py's `config.search` (override any, e.g.
+`--config.search.strategy=cma_es --config.search.generations=40`).
 """
 
 import ml_collections
@@ -46,15 +46,7 @@ def get_config() -> ml_collections.ConfigDict:
   config.finetune.epochs = 2
   config.finetune.learning_rate = 0.01
 
-  config.search = ml_collections.ConfigDict()
-  config.search.strategy = "ga"  # a name of ep.search.STRATEGIES: ga | cma_es
-  config.search.population_size = 32
-  config.search.generations = 25
-  config.search.metric = "accuracy_loss"  # accuracy | loss | accuracy_loss
-  config.search.fitness_examples = 5000  # the first N validation examples (never test)
-  config.search.evaluation = "auto"  # auto | vmap | map | loop
-  config.search.lower = 0.0  # per-layer sparsity bounds (a float or one value per layer)
-  config.search.upper = 0.99
-  config.search.compare = ("uniform", "global", "erk", "evolutionary")
-  config.search.seed_allocations = ("uniform", "global", "erk")
+  # config.search keeps default.py's GA: population 32, 25 generations, fitness =
+  # accuracy with the loss as tie-break on the 5,000 validation examples, bounds [0, 0.99],
+  # seeded with uniform, global and ERK.
   return config
