@@ -11,16 +11,18 @@ global-sparsity budget, measures candidates evaluated per second by each strateg
   - 'loop': a Python loop over one jitted single-candidate evaluation (the baseline);
 and marks the automatic choice ('auto': the strategy name it picks). All strategies
 evaluate the same fitness function (ranked masks + forward pass + accuracy/loss) on the same
-population, side by side in one process; each figure is the median over repeats after a
-warm-up call, timed with `block_until_ready`. A vmap whose estimated working memory would
-exceed `SKIP_VMAP_BYTES` is skipped (reported as null): avoiding that is the point of
-chunking. Weights are random: throughput does not depend on their values.
+population, side by side in one process: after a warm-up call each, the strategies are
+timed in interleaved rounds (one call each per round, `block_until_ready`), so they share the
+same machine load, and each figure is the median over the rounds. A vmap whose estimated
+working memory would exceed `SKIP_VMAP_BYTES` is skipped (reported as null): avoiding that
+is the point of chunking. Weights are random: throughput does not depend on their values.
 
 JSON: {"<model>": {"P<n>": {"<strategy>": candidates_per_s | null, ..., "auto": name}}}.
 On a shared 2-core CPU only the ratios between strategies are meaningful.
 """
 
 import argparse
+import functools
 import json
 import time
 from typing import Any, Callable
@@ -69,22 +71,31 @@ def problem(model_name: str, input_shape: tuple[int, ...], batch: int, seed: int
   return fitness_fn, context, budget.num_layers, budget
 
 
-def timed(fn: Callable[[], jax.Array], min_repeats: int, max_seconds: float) -> float:
-  """Median seconds of `fn()` after one warm-up call (compilation excluded)."""
-  jax.block_until_ready(fn())
-  times = []
-  start = time.perf_counter()
-  # At least `min_repeats`, then more (up to 20) while the time allowance lasts.
-  while len(times) < min_repeats or (time.perf_counter() - start < max_seconds
-                                     and len(times) < 20):
-    t = time.perf_counter()
+def interleaved(fns: dict[str, Callable[[], jax.Array]], min_rounds: int,
+                max_seconds: float, max_rounds: int = 15) -> dict[str, float]:
+  """Median seconds per call of each function, timed in interleaved rounds.
+
+  Each function is called once to warm up (compilation excluded); then every round times
+  each function once, in turn, so that all of them see the same load on a shared machine.
+  Rounds continue past `min_rounds` while `max_seconds` last (at most `max_rounds`).
+  """
+  for fn in fns.values():
     jax.block_until_ready(fn())
-    times.append(time.perf_counter() - t)
-  return float(np.median(times))
+  times: dict[str, list[float]] = {name: [] for name in fns}
+  start = time.perf_counter()
+  rounds = 0
+  while rounds < min_rounds or (time.perf_counter() - start < max_seconds
+                                and rounds < max_rounds):
+    for name, fn in fns.items():
+      t = time.perf_counter()
+      jax.block_until_ready(fn())
+      times[name].append(time.perf_counter() - t)
+    rounds += 1
+  return {name: float(np.median(ts)) for name, ts in times.items()}
 
 
-def run(models: dict[str, dict], sizes: tuple[int, ...], *, min_repeats: int = 3,
-        max_seconds: float = 20.0, log: Callable[[str], None] = print
+def run(models: dict[str, dict], sizes: tuple[int, ...], *, min_rounds: int = 3,
+        max_seconds: float = 30.0, log: Callable[[str], None] = print
         ) -> dict[str, dict[str, dict[str, Any]]]:
   """Measures every (model, P, strategy); returns the JSON-ready results."""
   results: dict[str, dict[str, dict[str, Any]]] = {}
@@ -100,8 +111,13 @@ def run(models: dict[str, dict], sizes: tuple[int, ...], *, min_repeats: int = 3
           jax.random.key(p), (p, num_layers))
       population = jax.jit(jax.vmap(budget.project))(logits)
       auto, auto_chunk = population_lib.choose(prof, p)
+      auto_name = _name(auto, auto_chunk)
+      candidates = list(STRATEGIES)
+      if auto_name not in {_name(*sc) for sc in candidates}:  # a chunk the list lacks
+        candidates.append((auto, auto_chunk))
       row: dict[str, Any] = {}
-      for strategy, chunk in STRATEGIES:
+      fns = {}
+      for strategy, chunk in candidates:
         name = _name(strategy, chunk)
         if strategy == "vmap" and prof.temp_bytes * p > SKIP_VMAP_BYTES:
           row[name] = None  # the whole population at once would not fit (see SKIP_VMAP_BYTES)
@@ -110,15 +126,9 @@ def run(models: dict[str, dict], sizes: tuple[int, ...], *, min_repeats: int = 3
                                              strategy=strategy, chunk_size=chunk)
         evaluate = (jax.jit(evaluator.evaluate) if evaluator.traceable
                     else evaluator.evaluate)
-        seconds = timed(lambda: evaluate(population, context), min_repeats, max_seconds)
+        fns[name] = functools.partial(evaluate, population, context)
+      for name, seconds in interleaved(fns, min_rounds, max_seconds).items():
         row[name] = p / seconds
-      auto_name = _name(auto, auto_chunk)
-      if auto_name not in row:  # an automatic chunk the fixed list does not cover
-        evaluator = ep.search.make_evaluator(fitness_fn, context, p, num_layers,
-                                             strategy=auto, chunk_size=auto_chunk)
-        evaluate = jax.jit(evaluator.evaluate)
-        row[auto_name] = p / timed(lambda: evaluate(population, context), min_repeats,
-                                   max_seconds)
       row["auto"] = auto_name
       results[model_name][f"P{p}"] = row
       loop = row["loop"]
@@ -135,7 +145,7 @@ def main(argv: list[str] | None = None) -> dict:
   parser.add_argument("--smoke", action="store_true", help="tiny sizes, seconds")
   args = parser.parse_args(argv)
   if args.smoke:
-    results = run(SMOKE, (4,), min_repeats=1, max_seconds=0.0)
+    results = run(SMOKE, (4,), min_rounds=1, max_seconds=0.0)
   else:
     results = run(FULL, (8, 32, 128))
   if args.out:

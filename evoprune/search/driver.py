@@ -109,23 +109,25 @@ def evolve(key: PRNGKey, search: base.MaskSearch, fitness_fn: fitness_lib.Fitnes
   state = jax.jit(search.init)(init_key, initial)
 
   if evaluator.traceable:
-    def generation_step(state, context, generation):
+    # The context and key are arguments, not closed over: compiled programs then take the
+    # weights and data as inputs instead of embedding them as constants.
+    def generation_step(state, context, key, generation):
       ask_key, tell_key = jax.random.split(jax.random.fold_in(key, generation))
       population, state = search.ask(ask_key, state)
       fitness = evaluator.evaluate(population, context)
       return search.tell(tell_key, population, fitness, state)
 
     if scan:
-      def body(state, generation):
-        return generation_step(state, context, generation)
-      run = jax.jit(lambda s: jax.lax.scan(body, s, jnp.arange(generations)))
-      state, stacked = run(state)
+      def run(state, context, key):
+        return jax.lax.scan(lambda s, g: generation_step(s, context, key, g), state,
+                            jnp.arange(generations))
+      state, stacked = jax.jit(run)(state, context, key)
       history = _history(stacked)
     else:
       step = jax.jit(generation_step, donate_argnums=(0,))
       records = []
       for g in range(generations):
-        state, metrics = step(state, context, jnp.asarray(g, jnp.int32))
+        state, metrics = step(state, context, key, jnp.asarray(g, jnp.int32))
         records.append(metrics)
         if callback is not None:
           callback(g, {k: float(v) for k, v in metrics.items() if np.ndim(v) == 0})
