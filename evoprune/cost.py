@@ -27,6 +27,9 @@ are those of the model that `evoprune.surgery.shrink` builds (non-strict: pruned
 whose constants cannot be folded exactly stay), i.e. what structured pruning really buys;
 unstructured zeros inside the remaining layers are not subtracted from them.
 
+Latency: `latency(calls)` times several compiled calls side by side (interleaved rounds,
+median after warm-up, `block_until_ready`); on a shared CPU only their ratios mean much.
+
 Bytes: `fp32_dense` = 4 bytes per parameter; `sparse` = for each prunable leaf (mask not
 None; with `masks=None`, `evoprune.models.prunable`) 4 bytes per nonzero value plus a
 1-bit-per-entry bitmask rounded up to whole bytes, and 4 bytes per entry for every other
@@ -34,7 +37,8 @@ leaf. Non-parameter collections (BatchNorm statistics) are not counted.
 """
 
 import math
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
+import time
 from typing import Any
 
 import flax.linen as nn
@@ -159,6 +163,40 @@ def _add_physical(result: dict[str, Any], model: nn.Module, params: Params,
     entry["macs_physical"] = other.get("macs_dense", 0)
   result["params"]["physical"] = small_cost["params"]["total"]
   result["macs"]["physical"] = small_cost["macs"]["dense"]
+
+
+def latency(calls: Mapping[Any, Callable[[], Any]], *, rounds: int = 9,
+            warmup: int = 2) -> dict[Any, float]:
+  """Median wall time of each call in milliseconds, measured side by side.
+
+  Every round runs every call once, in order, so a change in machine load hits all of
+  them alike; compare them as ratios.
+
+  Args:
+    calls: name -> zero-argument callable returning arrays (e.g. a jitted forward pass
+      with its arguments bound); each call ends with `jax.block_until_ready`.
+    rounds: timed rounds, >= 1.
+    warmup: untimed calls of each before timing (compilation, caches), >= 0.
+
+  Returns:
+    name -> median milliseconds.
+
+  Raises:
+    ValueError: rounds < 1 or warmup < 0.
+  """
+  if rounds < 1 or warmup < 0:
+    raise ValueError(f"rounds={rounds}, warmup={warmup}: need rounds >= 1 and warmup >= 0, "
+                     "e.g. rounds=9, warmup=2")
+  for call in calls.values():
+    for _ in range(warmup):
+      jax.block_until_ready(call())
+  times = {name: [] for name in calls}
+  for _ in range(rounds):
+    for name, call in calls.items():
+      start = time.perf_counter()
+      jax.block_until_ready(call())
+      times[name].append(time.perf_counter() - start)
+  return {name: 1e3 * float(np.median(t)) for name, t in times.items()}
 
 
 def format_table(cost: Mapping[str, Any]) -> str:

@@ -144,6 +144,8 @@ class TiedChannelsTest(absltest.TestCase):
     small_model, small = ep.surgery.shrink(model, variables, masks)
     self.assertEqual(tuple(small_model.stage_widths), (2, 4, 8))
     self.assertEqual(tuple(small_model.inner_widths), (2,) * 3 + (4,) * 3 + (8,) * 3)
+    # Channels are ordered so that the shortcuts are plain option-A padding again.
+    self.assertIsNone(small_model.shortcuts)
     np.testing.assert_allclose(_apply(small_model, small, x),
                                _masked_apply(model, variables, masks, x), atol=1e-5)
 
@@ -155,6 +157,21 @@ class TiedChannelsTest(absltest.TestCase):
     small_model, small = ep.surgery.shrink(model, variables, masks)
     self.assertGreater(small_model.stage_widths[0], 2)
     self.assertEqual(tuple(small_model.inner_widths), (2,) * 3 + (4,) * 3 + (8,) * 3)
+    np.testing.assert_allclose(_apply(small_model, small, x),
+                               _masked_apply(model, variables, masks, x), atol=1e-5)
+
+  def test_resnet_explicit_shortcut_maps(self):
+    # Shortcuts that carry only stage-1 channel 0 and reverse stage 2: two stage-1
+    # channels stay, so padding cannot carry them and an explicit map remains.
+    model = ep.models.create("resnet20", width=4, shortcuts=(
+        (-1, -1, 0, -1, -1, -1, -1, -1), tuple(range(7, -1, -1)) + (-1,) * 8))
+    x = jax.random.normal(jax.random.key(1), (2, 8, 8, 3))
+    variables = dict(_random_variables(model, x))
+    masks = ep.surgery.structured(model, variables["params"], 0.5)
+    variables = ep.surgery.zero_pruned(model, variables, masks)
+    small_model, small = ep.surgery.shrink(model, variables, masks)
+    self.assertIsNotNone(small_model.shortcuts)
+    self.assertLess(_size(small["params"]), 0.6 * _size(variables["params"]))
     np.testing.assert_allclose(_apply(small_model, small, x),
                                _masked_apply(model, variables, masks, x), atol=1e-5)
 

@@ -237,6 +237,35 @@ class _Net:
     return {name: by_family[self.family[name]] for name in self.graph.spaces}
 
 
+def _channel_order(net: _Net, keep: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+  """The kept channels of every space, in the order the smaller model stores them.
+
+  Ascending, except in a family entered by a channel-changing shortcut (ResNet's stage
+  transitions): there the channels the shortcut carries come as one block with the others
+  split around it, so the smaller model's shortcut is again plain zero padding (option A)
+  rather than a gather, which costs ~5% of ResNet-20's inference time on XLA:CPU.
+  """
+  family = net.family
+  order = {f: np.flatnonzero(keep[f]) for f in set(family.values())}
+  reordered = set()
+  for name, space in net.graph.spaces.items():
+    f = family[name]
+    if space.shortcut is None or net.identity(name) or f in reordered:
+      continue
+    source = order[family[space.shortcut]]
+    position = {int(j): i for i, j in enumerate(source)}
+    index = np.asarray(space.index)
+    carried = [t for t in order[f] if int(index[t]) in position]
+    if len(carried) != len(source):
+      continue  # a kept channel would be dropped by padding: keep the explicit map
+    carried.sort(key=lambda t: position[int(index[t])])
+    others = [t for t in order[f] if int(index[t]) not in position]
+    left = (len(order[f]) - len(source)) // 2
+    order[f] = np.asarray(others[:left] + carried + others[left:], int)
+    reordered.add(f)
+  return {name: order[family[name]] for name in net.graph.spaces}
+
+
 # ---------------------------------------------------------------------------------------
 # Public functions.
 
@@ -316,6 +345,7 @@ def shrink(model: nn.Module, params: Params, masks: Masks | None = None, *,
       target = net.shortcut_target(name)
       leaf = net.leaf(new_params, target.norm or target.path, "bias")
       leaf += add
+  order = _channel_order(net, keep)
   # Slice every kernel, bias and BatchNorm leaf.
   done = set()
 
@@ -329,11 +359,13 @@ def shrink(model: nn.Module, params: Params, masks: Masks | None = None, *,
       done.add((*path, name))
 
   for layer in net.graph.layers:
-    out = np.flatnonzero(keep[layer.dst])
+    out = order[layer.dst]
     take(new_params, layer.path, "kernel", out, -1)
     if not layer.depthwise:
-      rows = np.tile(np.concatenate([keep[s] for s in layer.src]), layer.positions)
-      take(new_params, layer.path, "kernel", np.flatnonzero(rows), -2)
+      offsets = np.cumsum([0] + [net.graph.spaces[s].size for s in layer.src])
+      inner = np.concatenate([o + order[s] for o, s in zip(offsets, layer.src)])
+      rows = np.arange(layer.positions)[:, None] * offsets[-1] + inner[None, :]
+      take(new_params, layer.path, "kernel", rows.reshape(-1), -2)
     take(new_params, layer.path, "bias", out, 0)
     if layer.norm is not None:
       for tree, names in ((new_params, ("scale", "bias")), (new_stats, ("mean", "var"))):
@@ -346,14 +378,12 @@ def shrink(model: nn.Module, params: Params, masks: Masks | None = None, *,
             f"leaf {masks_lib.path_str(path)!r} is not described by the channel graph of "
             f"{type(model).__name__}; surgery would leave it inconsistent. Update its graph "
             "in evoprune.surgery.GRAPHS.")
-  sizes = {name: int(k.sum()) for name, k in keep.items()}
+  sizes = {name: len(o) for name, o in order.items()}
   maps = {}
   for name, space in net.graph.spaces.items():
     if space.shortcut is not None:
-      position = np.cumsum(keep[space.shortcut]) - 1
-      maps[name] = tuple(
-          int(position[j]) if j >= 0 and keep[space.shortcut][j] else -1
-          for j in np.asarray(space.index)[keep[name]])
+      position = {int(j): i for i, j in enumerate(order[space.shortcut])}
+      maps[name] = tuple(position.get(int(space.index[t]), -1) for t in order[name])
   new_model = net.graph.rebuild(sizes, maps)
 
   def cast(new, old):
