@@ -4,7 +4,7 @@ Launch:
   python -m experiments.main --config=experiments/configs/mnist_mlp.py \
       --config.data.dir=../shared/data/mnist --workdir=runs/mnist_mlp
 
-Expected runtime: about 1 minute on a 2-core CPU (one seed).
+Expected runtime: about 3 minutes on a 2-core CPU (3 seeds).
 Expected result (measured): dense test accuracy 0.9835; magnitude and evolution of weights
 at 90% sparsity 0.975 after 3 fine-tuning epochs.
 """
@@ -14,7 +14,7 @@ from experiments.configs import default
 
 def get_config():
   config = default.get_config()
-  config.seeds = (0,)
+  config.seeds = (0, 1, 2)
   config.data.name = "mnist"
   config.data.val_size = 5000
   config.model.name = "lenet300_100"
