@@ -37,7 +37,7 @@ calibration, its static activation scales average per-example statistics instead
 the batch's range, and asymmetric activation ranges add a second full-size convolution for
 the zero point. The layer substitution here is ~100 lines and keeps one code path.
 
-Latency on XLA:CPU (measured with `compare_latency`, interleaved medians, thesis CNN batch 256,
+Latency on XLA:CPU (measured with `cost.latency`, interleaved medians, thesis CNN batch 256,
 shared 2-core machine): the integer path is 1.4-2.4x SLOWER than float32. XLA:CPU runs int8
 convolutions through YNNPACK, its float32 convolutions (fused with bias, ReLU and pooling)
 through faster kernels, and an int8 convolution with 3 input channels is slow. Int8's
@@ -48,7 +48,6 @@ here is the size: 4x smaller weights, or more with pruning (see `evoprune.storag
 import dataclasses
 import functools
 import re
-import time
 from collections.abc import Callable, Mapping
 from typing import Any
 
@@ -56,7 +55,6 @@ import flax.linen as nn
 import jax
 from jax import lax
 import jax.numpy as jnp
-import numpy as np
 
 from evoprune.types import Params
 
@@ -491,35 +489,3 @@ def convert(fake_model: QuantizedModel, params: Params) -> tuple[QuantizedModel,
                      "quantized layers; build it with qat(model, config, calibrate(...)).")
   return (QuantizedModel(fake_model.model, fake_model.config, mode="integer"),
           quantize_params(params, ranges, fake_model.config))
-
-
-# ------------------------------------------------------------------------------ latency
-
-
-def compare_latency(fns: Mapping[str, Callable[[], Any]], *, repeats: int = 20,
-                    warmup: int = 2) -> dict[str, float]:
-  """Median wall time (seconds) of each zero-argument function, measured interleaved.
-
-  Every round runs each function once, in turn, so load on a shared machine hits all of
-  them alike; compare the medians as ratios.
-
-  Args:
-    fns: name -> function returning JAX arrays (blocked on before the clock stops).
-    repeats: timed rounds.
-    warmup: untimed rounds first (compilation).
-
-  Returns:
-    name -> median seconds.
-  """
-  if repeats < 1:
-    raise ValueError(f"repeats={repeats} must be >= 1.")
-  for _ in range(warmup):
-    for fn in fns.values():
-      jax.block_until_ready(fn())
-  times: dict[str, list[float]] = {name: [] for name in fns}
-  for _ in range(repeats):
-    for name, fn in fns.items():
-      start = time.perf_counter()
-      jax.block_until_ready(fn())
-      times[name].append(time.perf_counter() - start)
-  return {name: float(np.median(t)) for name, t in times.items()}

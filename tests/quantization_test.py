@@ -188,19 +188,5 @@ class QatTest(absltest.TestCase):
                                   fake.apply({"params": state.params}, x))
 
 
-class LatencyTest(absltest.TestCase):
-
-  def test_compare_latency_medians(self):
-    calls = []
-    result = Q.compare_latency({"a": lambda: calls.append("a") or jnp.zeros(1),
-                                "b": lambda: calls.append("b") or jnp.ones(1)},
-                               repeats=3, warmup=1)
-    self.assertEqual(sorted(result), ["a", "b"])
-    self.assertEqual(calls, ["a", "b"] * 4)  # interleaved: a, b, a, b, ...
-    self.assertTrue(all(v >= 0 for v in result.values()))
-    with self.assertRaisesRegex(ValueError, "repeats"):
-      Q.compare_latency({"a": lambda: jnp.zeros(1)}, repeats=0)
-
-
 if __name__ == "__main__":
   absltest.main()
