@@ -12,7 +12,8 @@ timed side by side, interleaved, in one process (median after warm-up, with
   shrunk  structured masks (`evoprune.surgery.structured`: that fraction of filters and
           neurons in every layer, residual groups tied) and `evoprune.surgery.shrink`.
 
-  python -m benchmarks.sparse_eval [--out=sparse_eval.json] [--models=...] [--smoke]
+  python -m benchmarks.sparse_eval [--out=sparse_eval.json] [--models=...] [--multiple_of=1]
+      [--smoke]
 
 JSON: {"<model>": {"<format>": {"<sparsity>": {"batch1_ms", "batch256_ms", "speedup"}}}},
 speedup = dense / format at batch 256. Target: `shrunk` at 0.5 runs >= 2x faster than dense
@@ -40,6 +41,8 @@ _MODELS = flags.DEFINE_list("models", ["lenet300_100", "thesis_cnn", "resnet20"]
 _SPARSITIES = flags.DEFINE_list("sparsities", ["0.5", "0.8", "0.9", "0.95", "0.99"],
                                 "Sparsities to measure.")
 _ROUNDS = flags.DEFINE_integer("rounds", 9, "Timed rounds (each runs every variant once).")
+_MULTIPLE_OF = flags.DEFINE_integer(
+    "multiple_of", 1, "shrunk: keep a multiple of this many channels per layer (1: exact).")
 _SMOKE = flags.DEFINE_bool("smoke", False, "thesis_cnn at 0.5, 2 rounds: a quick check "
                            "that the benchmark runs, not a measurement.")
 
@@ -59,18 +62,20 @@ def magnitude_masks(model: nn.Module, params: Any, sparsity: float) -> Any:
   return ep.masks.topk(scores, sparsity)
 
 
-def _dense(model, variables, sparsity):
-  del sparsity
+def _dense(model, variables, sparsity, multiple_of=1):
+  del sparsity, multiple_of
   return jax.jit(model.apply), (variables,)
 
 
-def _masked(model, variables, sparsity):
+def _masked(model, variables, sparsity, multiple_of=1):
+  del multiple_of
   masks = magnitude_masks(model, variables["params"], sparsity)
   masked = {**variables, "params": ep.masks.apply(variables["params"], masks)}
   return jax.jit(model.apply), (masked,)
 
 
-def _bcoo(model, variables, sparsity):
+def _bcoo(model, variables, sparsity, multiple_of=1):
+  del multiple_of
   masks = magnitude_masks(model, variables["params"], sparsity)
   kernels = sparse.bcoo_kernels(variables["params"], masks)
   masked = {**variables, "params": ep.masks.apply(variables["params"], masks)}
@@ -78,19 +83,22 @@ def _bcoo(model, variables, sparsity):
   return fn, (masked, kernels)
 
 
-def _shrunk(model, variables, sparsity):
-  masks = ep.surgery.structured(model, variables["params"], sparsity)
+def _shrunk(model, variables, sparsity, multiple_of=1):
+  masks = ep.surgery.structured(model, variables["params"], sparsity,
+                                multiple_of=multiple_of)
   small_model, small = ep.surgery.shrink(model, variables, masks, strict=False)
   return jax.jit(small_model.apply), (small,)
 
 
-# Format name -> builder(model, variables, sparsity) -> (compiled forward, its args).
-FORMATS: dict[str, Callable[[nn.Module, dict, float], Forward]] = {
+# Format name -> builder(model, variables, sparsity, multiple_of) -> (compiled forward,
+# its arguments before the input).
+FORMATS: dict[str, Callable[..., Forward]] = {
     "dense": _dense, "masked": _masked, "bcoo": _bcoo, "shrunk": _shrunk,
 }
 
 
-def measure(name: str, sparsities: list[float], rounds: int) -> dict[str, Any]:
+def measure(name: str, sparsities: list[float], rounds: int,
+            multiple_of: int = 1) -> dict[str, Any]:
   """{format: {sparsity: {batch1_ms, batch256_ms, speedup}}} for one model."""
   model = ep.models.create(name, num_classes=10)
   shape = INPUT_SHAPES[name]
@@ -100,7 +108,7 @@ def measure(name: str, sparsities: list[float], rounds: int) -> dict[str, Any]:
   variants = {("dense", "0.0"): FORMATS["dense"](model, variables, 0.0)}
   for s in sparsities:
     for fmt in ("masked", "bcoo", "shrunk"):
-      variants[(fmt, str(s))] = FORMATS[fmt](model, variables, s)
+      variants[(fmt, str(s))] = FORMATS[fmt](model, variables, s, multiple_of)
   results: dict[str, dict[str, dict[str, float]]] = {}
   for batch in BATCHES:
     xb = x[:batch]
@@ -143,7 +151,7 @@ def main(argv: list[str]) -> None:
     raise ValueError(f"--sparsities={sparsities} must lie in [0, 1); pass e.g. 0.5,0.9")
   out = {}
   for name in models:
-    out[name] = measure(name, sparsities, rounds)
+    out[name] = measure(name, sparsities, rounds, _MULTIPLE_OF.value)
     print(format_table(name, out[name]), flush=True)
     if name in TARGETS and "0.5" in out[name]["shrunk"]:
       speedup = out[name]["shrunk"]["0.5"]["speedup"]

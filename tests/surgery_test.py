@@ -1,5 +1,6 @@
 """Tests for structured surgery: equality with the masked model, ties, folding, errors, reload."""
 
+import functools
 import tempfile
 
 from absl.testing import absltest
@@ -149,6 +150,17 @@ class TiedChannelsTest(absltest.TestCase):
     np.testing.assert_allclose(_apply(small_model, small, x),
                                _masked_apply(model, variables, masks, x), atol=1e-5)
 
+  def test_resnet_training_mode_after_zero_pruned(self):
+    model, variables, x, _ = _setup("resnet20")
+    masks = ep.surgery.structured(model, variables["params"], 0.5)
+    variables = ep.surgery.zero_pruned(model, variables, masks)
+    small_model, small = ep.surgery.shrink(model, variables, masks)
+    train = lambda m, v: jax.jit(functools.partial(m.apply, train=True,
+                                                   mutable=["batch_stats"]))(v, x)
+    out, _ = train(model, {**variables, "params": ep.masks.apply(variables["params"], masks)})
+    small_out, _ = train(small_model, small)
+    np.testing.assert_allclose(small_out, out, atol=1e-5)
+
   def test_resnet_untied_masks_keep_disagreeing_channels(self):
     # Per-layer filter masks disagree inside residual groups: those channels stay.
     model, variables, x, _ = _setup("resnet20")
@@ -213,6 +225,16 @@ class StructuredMasksTest(absltest.TestCase):
               "Dense_1": {"kernel": jnp.ones((4, 2)), "bias": jnp.zeros(2)}}
     masks = ep.surgery.structured(model, params, 0.5)
     np.testing.assert_array_equal(masks["Dense_0"]["kernel"][0], [True, False, False, True])
+
+  def test_multiple_of_rounds_kept_channels(self):
+    model, variables, _, _ = _setup("thesis_cnn")
+    masks = ep.surgery.structured(model, variables["params"], 0.3, multiple_of=8)
+    kept = [int(masks[k]["kernel"].reshape(-1, masks[k]["kernel"].shape[-1]).all(0).sum())
+            for k in ("Conv_0", "Conv_1", "Conv_2", "Dense_0")]
+    # 22 -> 24 of 32, 45 -> 48 of 64.
+    self.assertEqual(kept, [24, 48, 48, 48])
+    with self.assertRaisesRegex(ValueError, "multiple_of=0"):
+      ep.surgery.structured(model, variables["params"], 0.3, multiple_of=0)
 
   def test_keeps_one_channel(self):
     model, variables, _, _ = _setup("mlp")

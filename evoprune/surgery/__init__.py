@@ -26,7 +26,8 @@ biases and BatchNorm scales and shifts of pruned channels (this changes the outp
 tune or re-evaluate after). Channels whose tied members disagree (pruned in one residual
 layer, kept in another) are kept; `structured` builds masks that agree. Model inputs and
 outputs are never shrunk. Constants are computed with running statistics, so equality
-holds in inference mode; in training mode it holds when no folding was needed.
+holds in inference mode; in training mode (BatchNorm on batch statistics) it holds when
+pruned channels carry no BatchNorm constants, e.g. after `zero_pruned`.
 """
 
 import collections
@@ -38,10 +39,10 @@ import jax
 import numpy as np
 
 from evoprune import masks as masks_lib
-from evoprune import models
 from evoprune.models import layers as zoo_layers
 from evoprune.surgery import graphs
-from evoprune.surgery.graphs import GRAPHS, Graph, Layer, Space, graph  # re-exported
+# Re-exported: the channel-graph types and the group-aware structured masks.
+from evoprune.surgery.graphs import GRAPHS, Graph, Layer, Space, graph, structured
 from evoprune.types import Masks, Params
 
 __all__ = ["shrink", "plan", "zero_pruned", "structured", "graph", "GRAPHS", "Graph",
@@ -53,6 +54,13 @@ def _to_numpy(tree: Any) -> Any:
   if isinstance(tree, Mapping):
     return {k: _to_numpy(v) for k, v in tree.items()}
   return np.asarray(tree, np.float64)
+
+
+def _like(new: Any, old: Any) -> Any:
+  """`new` (numpy, same structure as `old`) as jax arrays with `old`'s dtypes."""
+  leaves, treedef = jax.tree.flatten(new)
+  return treedef.unflatten([jax.numpy.asarray(x, np.asarray(o).dtype)
+                            for x, o in zip(leaves, jax.tree.leaves(old))])
 
 
 # ---------------------------------------------------------------------------------------
@@ -211,24 +219,19 @@ class _Net:
 
   def keep(self, strict: bool) -> dict[str, np.ndarray]:
     """Channels kept, per space (tied spaces share one array)."""
-    by_family: dict[str, np.ndarray] = {}
-    dead: dict[str, np.ndarray] = {}
-    reasons: dict[str, tuple[str, list[str]]] = {}
+    by_family, dead, reasons = {}, {}, {}  # family -> kept, never live, why blocked
     for name in self.graph.spaces:
-      f = self.family[name]
-      blocked, why = self.blocker(name)
+      f, (blocked, why), live = self.family[name], self.blocker(name), self.values[name][0]
       by_family[f] = by_family.get(f, np.zeros_like(blocked)) | blocked
-      dead[f] = dead.get(f, np.ones_like(blocked)) & ~self.values[name][0]
-      for j in np.flatnonzero(blocked & ~self.values[name][0]):
-        reasons.setdefault(f"{f}:{j}", (name, why))
+      dead[f] = dead.get(f, np.ones_like(blocked)) & ~live
+      for j in np.flatnonzero(blocked & ~live):
+        reasons.setdefault((f, j), f"channel {j} of {name} is pruned but {why[j]}")
     fixed = {self.family[n] for n, s in self.graph.spaces.items() if s.fixed}
     for f, keep in by_family.items():
       stuck = np.flatnonzero(keep & dead[f])
       if strict and stuck.size and f not in fixed:
-        name, why = reasons[f"{f}:{stuck[0]}"]
         raise ValueError(
-            f"channel {stuck[0]} of {name} is pruned but {why[stuck[0]]} ({stuck.size} such "
-            "channel(s) in its group). Call evoprune.surgery.zero_pruned(model, variables, "
+            f"{reasons[(f, stuck[0])]} ({stuck.size} such channel(s) in its group). Call evoprune.surgery.zero_pruned(model, variables, "
             "masks) first (it zeroes the biases and BatchNorm shifts of pruned channels; "
             "this changes the outputs, so re-evaluate or fine-tune), or pass strict=False "
             "to keep such channels.")
@@ -385,15 +388,9 @@ def shrink(model: nn.Module, params: Params, masks: Masks | None = None, *,
       position = {int(j): i for i, j in enumerate(order[space.shortcut])}
       maps[name] = tuple(position.get(int(space.index[t]), -1) for t in order[name])
   new_model = net.graph.rebuild(sizes, maps)
-
-  def cast(new, old):
-    dtypes = jax.tree.map(lambda x: np.asarray(x).dtype, jax.tree.leaves(old))
-    leaves, treedef = jax.tree.flatten(new)
-    return treedef.unflatten([jax.numpy.asarray(x, d) for x, d in zip(leaves, dtypes)])
-
-  out = {"params": cast(new_params, variables["params"])}
+  out = {"params": _like(new_params, variables["params"])}
   if "batch_stats" in variables:
-    out["batch_stats"] = cast(new_stats, variables["batch_stats"])
+    out["batch_stats"] = _like(new_stats, variables["batch_stats"])
   return new_model, (out if whole else out["params"])
 
 
@@ -425,80 +422,5 @@ def zero_pruned(model: nn.Module, params: Params, masks: Masks) -> Params:
         node = node[key]
       if path is not None and name in node:
         node[name] = np.where(pruned, 0.0, node[name])
-  dtypes = [np.asarray(x).dtype for x in jax.tree.leaves(variables["params"])]
-  leaves, treedef = jax.tree.flatten(new)
-  new = treedef.unflatten([jax.numpy.asarray(x, d) for x, d in zip(leaves, dtypes)])
+  new = _like(new, variables["params"])
   return {**variables, "params": new} if whole else new
-
-
-def structured(model: nn.Module, params: Params, sparsity: float, *,
-               scores: Any = None, norm: str = "l2") -> Masks:
-  """Filter/neuron masks that prune tied channels together, per family of spaces.
-
-  In every family (a layer's outputs, a residual stage with its stem or first convolution,
-  a depthwise layer with its input) exactly `round(sparsity * channels)` channels are pruned
-  (keeping at least one), ranked by the sum over the family's producing kernels of the
-  norm of their output columns, lowest first, ties by lower index. A channel that a kept
-  shortcut channel feeds (ResNet's channels entering the next stage) is never pruned, so
-  `shrink` removes exactly the pruned channels. Outputs (logits) are never pruned.
-
-  Args:
-    model: a supported zoo model.
-    params: its `variables['params']` (or the whole variables dict).
-    sparsity: fraction of channels to prune in each family, in [0, 1).
-    scores: a tree like params (higher = more important); default |params|.
-    norm: 'l1', 'l2' or 'linf' over a column.
-
-  Returns:
-    Masks like params: bool leaves for prunable leaves (`ep.models.prunable`), None
-    elsewhere, constant along all axes but the last.
-  """
-  if not 0.0 <= float(sparsity) < 1.0:
-    raise ValueError(f"sparsity={sparsity!r} is outside [0, 1); pass e.g. 0.5")
-  variables, _ = _split(params)
-  params = variables["params"]
-  g = graphs.graph(model, params)
-  scores = params if scores is None else scores
-  prunable = models.prunable(params, model)
-  family = graphs.families(g)
-  if norm not in masks_lib.NORMS:
-    raise ValueError(f"norm={norm!r} is not one of {list(masks_lib.NORMS)}; pick one of those")
-  columns = {}
-  for layer in g.layers:
-    if graphs.kernel(prunable, layer.path) and graphs.kernel(scores, layer.path) is not None:
-      w = np.abs(np.asarray(graphs.kernel(scores, layer.path), np.float64))
-      w = w.reshape(-1, w.shape[-1])
-      columns[layer.path] = {"l1": lambda: w.sum(0), "l2": lambda: np.sqrt((w * w).sum(0)),
-                             "linf": lambda: w.max(0)}[norm]()
-  forced = {f: np.zeros(g.spaces[f].size, bool) for f in set(family.values())}
-  keep = {}
-  for name in g.spaces:  # forward order: a stage is decided before the next one
-    f = family[name]
-    if f in keep:
-      continue
-    members = [s for s in g.spaces if family[s] == f]
-    producers = [l for l in g.layers if l.dst in members and l.path in columns]
-    keep[f] = np.ones(g.spaces[f].size, bool)
-    if g.spaces[f].fixed or any(g.spaces[s].fixed for s in members) or not producers:
-      continue
-    score = sum(columns[l.path] for l in producers)
-    n = g.spaces[f].size
-    k = min(masks_lib.num_pruned(sparsity, n), n - max(1, int(forced[f].sum())))
-    order = sorted((j for j in range(n) if not forced[f][j]), key=lambda j: (score[j], j))
-    keep[f][order[:max(k, 0)]] = False
-    for s in g.spaces:
-      space = g.spaces[s]
-      if space.shortcut in members and family[s] != f:
-        index = np.asarray(space.index)
-        forced[family[s]] |= (index >= 0) & keep[f][np.maximum(index, 0)]
-
-  def mask(path, leaf, flag):
-    if flag is None:
-      return None
-    layer = next((l for l in g.layers if (*l.path, "kernel") == path), None)
-    column = keep[family[layer.dst]] if layer is not None else np.ones(leaf.shape[-1], bool)
-    return jax.numpy.asarray(np.broadcast_to(column, leaf.shape))
-
-  return jax.tree_util.tree_map_with_path(
-      lambda p, leaf, flag: mask(masks_lib.path_keys(p), leaf, flag), params, prunable,
-      is_leaf=lambda x: x is None)
