@@ -16,9 +16,7 @@ from collections.abc import Sequence
 import flax.linen as nn
 import jax
 
-
-def _max_pool(x: jax.Array) -> jax.Array:
-  return nn.max_pool(x, window_shape=(2, 2), strides=(2, 2))
+from evoprune.models import layers
 
 
 def _check_features(features: Sequence[int], default: Sequence[int]) -> None:
@@ -56,8 +54,8 @@ class LeNet5(nn.Module):
     """
     del train
     c1, c2, f1, f2 = (int(f) for f in self.features)
-    x = _max_pool(nn.relu(nn.Conv(c1, (5, 5), padding="VALID")(x)))
-    x = _max_pool(nn.relu(nn.Conv(c2, (5, 5), padding="VALID")(x)))
+    x = layers.max_pool(nn.relu(layers.Conv(c1, (5, 5), padding="VALID")(x)))
+    x = layers.max_pool(nn.relu(layers.Conv(c2, (5, 5), padding="VALID")(x)))
     x = x.reshape((x.shape[0], -1))
     x = nn.relu(nn.Dense(f1)(x))
     x = nn.relu(nn.Dense(f2)(x))
@@ -92,9 +90,9 @@ class ThesisCNN(nn.Module):
     """
     del train
     c1, c2, c3, f1 = (int(f) for f in self.features)
-    x = _max_pool(nn.relu(nn.Conv(c1, (3, 3), padding="VALID")(x)))
-    x = _max_pool(nn.relu(nn.Conv(c2, (3, 3), padding="VALID")(x)))
-    x = nn.relu(nn.Conv(c3, (3, 3), padding="VALID")(x))
+    x = layers.max_pool(nn.relu(layers.Conv(c1, (3, 3), padding="VALID")(x)))
+    x = layers.max_pool(nn.relu(layers.Conv(c2, (3, 3), padding="VALID")(x)))
+    x = nn.relu(layers.Conv(c3, (3, 3), padding="VALID")(x))
     x = x.reshape((x.shape[0], -1))
     x = nn.relu(nn.Dense(f1)(x))
     return nn.Dense(self.num_classes)(x)

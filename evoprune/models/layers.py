@@ -1,4 +1,4 @@
-"""Building blocks shared by the model zoo: ordered layer names and Conv + BatchNorm units.
+"""Building blocks shared by the model zoo: ordered layer names, Conv, Conv + BatchNorm units.
 
 Every model names its submodules so that the `jax.tree` flatten order of its `params`
 (dict keys sorted lexicographically) equals the order in which the layers run. Allocation
@@ -7,10 +7,13 @@ zero-padded indices (`block_00`, `block_01`, ...) rather than flax's `Conv_10` <
 """
 
 from collections.abc import Sequence
+from typing import Any
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+
+from evoprune import ops
 
 # PyTorch's BatchNorm defaults: the published CIFAR models were trained with them, and a
 # momentum of 0.9 lets running statistics settle within the few epochs of a short run.
@@ -40,6 +43,23 @@ def same_padding(kernel_size: Sequence[int]) -> list[tuple[int, int]]:
   pad symmetrically, which keeps their feature maps aligned with the paper.
   """
   return [(k // 2, k // 2) for k in kernel_size]
+
+
+class Conv(nn.Conv):
+  """`flax.linen.Conv` running `evoprune.ops.conv_general_dilated`.
+
+  Same parameters (`kernel` [kh, kw, C_in / groups, C_out], `bias`), initialisers and
+  outputs as `nn.Conv`; the class name keeps flax's automatic names (`Conv_0`, ...). On
+  CPU the convolution uses the fast formulations of `evoprune.ops`; elsewhere it is
+  `lax.conv_general_dilated` itself.
+  """
+
+  conv_general_dilated: Any = ops.conv_general_dilated
+
+
+def max_pool(x: jax.Array, window: int = 2) -> jax.Array:
+  """Non-overlapping `window` x `window` max pooling (VALID), `evoprune.ops.max_pool`."""
+  return ops.max_pool(x, (window, window), (window, window))
 
 
 class ConvBN(nn.Module):
@@ -72,7 +92,7 @@ class ConvBN(nn.Module):
     Returns:
       [B, H', W', features] activations.
     """
-    x = nn.Conv(
+    x = Conv(
         self.features,
         self.kernel_size,
         strides=self.strides,

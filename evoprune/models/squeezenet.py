@@ -31,13 +31,9 @@ _POOL_AFTER = (2, 6)
 
 
 def _conv(features: int, size: int, name: str) -> nn.Conv:
-  return nn.Conv(
+  return layers.Conv(
       features, (size, size), padding=layers.same_padding((size, size)),
       kernel_init=nn.initializers.he_uniform(), name=name)
-
-
-def _max_pool(x: jax.Array) -> jax.Array:
-  return nn.max_pool(x, window_shape=(2, 2), strides=(2, 2))
 
 
 class Fire(nn.Module):
@@ -103,14 +99,14 @@ class SqueezeNet(nn.Module):
       [B, num_classes] logits.
     """
     names = layers.indexed_names("block", len(_FIRES) + 1, min_width=2)
-    x = _max_pool(nn.relu(_conv(self.stem, 3, names[0])(x)))
+    x = layers.max_pool(nn.relu(_conv(self.stem, 3, names[0])(x)))
     fires = self.fires or [(squeeze, expand, expand) for squeeze, expand in _FIRES]
     for i, ((squeeze, expand, expand_3x3), name) in enumerate(zip(fires, names[1:])):
       x = Fire(int(squeeze), int(expand), int(expand_3x3), name=name)(x)
       if i in _POOL_AFTER:
-        x = _max_pool(x)
+        x = layers.max_pool(x)
     x = nn.Dropout(self.dropout, deterministic=not train)(x)
     # The paper's classifier: a 1x1 convolution, ReLU, then global average pooling.
-    x = nn.relu(nn.Conv(
+    x = nn.relu(layers.Conv(
         self.num_classes, (1, 1), kernel_init=nn.initializers.normal(0.01), name="head")(x))
     return layers.global_avg_pool(x)

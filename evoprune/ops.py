@@ -1,0 +1,407 @@
+"""Convolution and max pooling with fast XLA:CPU formulations, selected by backend.
+
+`conv_general_dilated` is a drop-in for `lax.conv_general_dilated` (the zoo passes it to
+`flax.linen.Conv(conv_general_dilated=...)`) and `max_pool` one for `flax.linen.max_pool`.
+Under `impl="auto"` (what the models use) each call stages both versions with
+`lax.platform_dependent`: the CPU formulation where the program is compiled for CPU, the
+plain XLA op everywhere else (GPU/TPU keep exactly the code they had), resolved when the
+program is lowered, so the compiler never sees a conditional. Values and gradients equal
+the plain ops' to float rounding (tests/ops_test.py).
+
+Why: on XLA:CPU (jax 0.10) the training step of a small CNN spent most of its time in a
+few pathological kernels, measured one core, batch 128 (ms, XLA op -> this module):
+
+  depthwise 3x3, 32 ch, 32x32        forward 270 -> 4, input grad 250 -> 3, weight grad 150 -> 30
+  1x1 conv 32->64 at 32x32           weight gradient 175 -> 19 (a plain matmul)
+  3x3 conv 16->32 stride 2 at 32x32  weight gradient 30 -> 9
+  2x2 max pool backward              select-and-scatter (iota, concatenate, scatter) -> one fusion
+
+The formulations:
+  - dense convolutions keep XLA's forward and input-gradient convolutions (fast: they go
+    to YNNPACK or Eigen) and compute the weight gradient as im2col matmuls accumulated
+    over small batch chunks with `lax.scan`, so each chunk's patch matrix stays in cache
+    (XLA's own weight-gradient convolution transposes both operands in memory first);
+  - 1x1 convolutions are matmuls in all three directions;
+  - depthwise convolutions are sums of kh*kw shifted, channel-scaled copies of the input
+    (one loop fusion), their weight gradient per-tap reductions over batch chunks;
+  - max pooling with window == strides and VALID padding is a reshape and a max; its
+    gradient goes to the first maximum of each window in row-major order, exactly as
+    XLA's select-and-scatter does, so ties are broken identically.
+
+`describe()` names the implementation `auto` uses on the default backend. Setting the
+environment variable `EVOPRUNE_OPS=xla` before tracing turns the CPU formulations off
+(every call then stages the plain XLA op), e.g. to compare against them.
+"""
+
+import functools
+import math
+import os
+from collections.abc import Sequence
+
+import jax
+from jax import lax
+import jax.numpy as jnp
+
+IMPLEMENTATIONS = ("auto", "xla", "cpu")
+# NHWC activations, HWIO kernels: the layout of flax.linen.Conv and of the zoo.
+_NHWC = ("NHWC", "HWIO", "NHWC")
+# Bytes of im2col patches (or per-tap products) per scanned batch chunk: small enough to
+# stay in a core's L2 / the shared L3 while the matmul consumes them.
+_CHUNK_BYTES = 2 << 20
+
+Padding = str | Sequence[tuple[int, int]]
+
+
+def _check_impl(impl: str) -> str:
+  if impl not in IMPLEMENTATIONS:
+    raise ValueError(f"impl={impl!r} is unknown; use one of {IMPLEMENTATIONS}")
+  if impl == "auto" and os.environ.get("EVOPRUNE_OPS", "") == "xla":
+    return "xla"
+  return impl
+
+
+def describe(backend: str | None = None) -> str:
+  """What `impl='auto'` runs on `backend` (default: JAX's default backend)."""
+  backend = backend or jax.default_backend()
+  if backend != "cpu" or _check_impl("auto") == "xla":
+    return "xla (lax.conv_general_dilated, reduce_window max pool)"
+  return ("cpu (conv: XLA forward and input grad, chunked im2col-matmul weight grad; 1x1 as "
+          "matmul; depthwise as shifted multiply-adds; max pool: reshape-max, first-max "
+          "grad)")
+
+
+# ------------------------------------------------------------------------------ pooling
+
+
+def max_pool(x: jax.Array, window_shape: Sequence[int] = (2, 2),
+             strides: Sequence[int] | None = None, padding: Padding = "VALID", *,
+             impl: str = "auto") -> jax.Array:
+  """Max pooling over the spatial axes, as `flax.linen.max_pool`.
+
+  Args:
+    x: [B, H, W, C] activations.
+    window_shape: pooling window (wh, ww).
+    strides: window strides; default `window_shape`'s... as flax: (1, 1).
+    padding: 'VALID', 'SAME' or ((lo, hi), (lo, hi)).
+    impl: 'auto' (CPU formulation on CPU, `reduce_window` elsewhere), 'xla' or 'cpu'.
+
+  Returns:
+    [B, H', W', C] maxima; on CPU with window == strides and VALID padding the trailing
+    rows/columns that do not fill a window are dropped, as in `reduce_window`.
+  """
+  impl = _check_impl(impl)
+  window = tuple(int(w) for w in window_shape)
+  strides = tuple(int(s) for s in strides) if strides is not None else (1,) * len(window)
+  reference = functools.partial(_max_pool_xla, window=window, strides=strides,
+                                padding=padding)
+  fast = x.ndim == 4 and len(window) == 2 and window == strides and (
+      padding == "VALID" or padding == ((0, 0), (0, 0)) or padding == [(0, 0), (0, 0)])
+  if impl == "xla" or not fast:
+    return reference(x)
+  cpu = functools.partial(_max_pool_views, window=window)
+  if impl == "cpu":
+    return cpu(x)
+  return lax.platform_dependent(x, cpu=cpu, default=reference)
+
+
+def _max_pool_xla(x: jax.Array, *, window: tuple[int, ...], strides: tuple[int, ...],
+                  padding: Padding) -> jax.Array:
+  dims = (1, *window, 1) if x.ndim == len(window) + 2 else window
+  strides_full = (1, *strides, 1) if x.ndim == len(window) + 2 else strides
+  if not isinstance(padding, str):
+    padding = ((0, 0), *tuple(tuple(p) for p in padding), (0, 0))
+  return lax.reduce_window(x, -jnp.inf, lax.max, dims, strides_full, padding)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(1,))
+def _max_pool_views(x: jax.Array, window: tuple[int, int]) -> jax.Array:
+  views = _window_views(x, window)
+  y = views[0]
+  for view in views[1:]:
+    y = jnp.maximum(y, view)
+  return y
+
+
+def _window_views(x: jax.Array, window: tuple[int, int]) -> list[jax.Array]:
+  """The wh*ww strided views [B, H // wh, W // ww, C] of x, one per window position.
+
+  A maximum over these views is one elementwise loop; the same maximum as a reduction
+  over the axes of x.reshape(B, H', wh, W', ww, C) ran 10x slower on XLA:CPU.
+  """
+  b, h, w, c = x.shape
+  (wh, ww), (ho, wo) = window, (h // window[0], w // window[1])
+  return [lax.slice(x, (0, i, j, 0), (b, i + (ho - 1) * wh + 1, j + (wo - 1) * ww + 1, c),
+                    (1, wh, ww, 1)) for i in range(wh) for j in range(ww)]
+
+
+def _max_pool_fwd(x, window):
+  y = _max_pool_views(x, window)
+  return y, (x, y)
+
+
+def _max_pool_bwd(window, residuals, g):
+  x, y = residuals
+  _, h, w, _ = x.shape
+  (wh, ww), (ho, wo) = window, y.shape[1:3]
+  dx, taken = None, None
+  for index, view in enumerate(_window_views(x, window)):
+    # Only the first maximum of each window (row-major) gets the gradient: XLA's
+    # select-and-scatter (the gradient of reduce_window max) keeps the earliest element
+    # that compares >= to the rest, and ties (zeros after ReLU) are common.
+    hit = view == y
+    first = hit if taken is None else hit & ~taken
+    taken = first if taken is None else taken | first
+    i, j = divmod(index, ww)
+    # Interior padding puts each value back at its window position (the transpose of
+    # the strided view); the sum of the wh*ww pads fuses into one loop.
+    part = lax.pad(jnp.where(first, g, jnp.zeros((), g.dtype)), jnp.zeros((), g.dtype),
+                   ((0, 0, 0), (i, h - i - (ho - 1) * wh - 1, wh - 1),
+                    (j, w - j - (wo - 1) * ww - 1, ww - 1), (0, 0, 0)))
+    dx = part if dx is None else dx + part
+  return (dx,)
+
+
+_max_pool_views.defvjp(_max_pool_fwd, _max_pool_bwd)
+
+
+# -------------------------------------------------------------------------- convolution
+
+
+def conv_general_dilated(lhs: jax.Array, rhs: jax.Array, window_strides: Sequence[int],
+                         padding: Padding, lhs_dilation: Sequence[int] | None = None,
+                         rhs_dilation: Sequence[int] | None = None, dimension_numbers=None,
+                         feature_group_count: int = 1, batch_group_count: int = 1,
+                         precision=None, preferred_element_type=None) -> jax.Array:
+  """`lax.conv_general_dilated` with the CPU formulations where they apply.
+
+  Same signature and result as `lax.conv_general_dilated`. 2-D NHWC/HWIO convolutions
+  without dilation, with `feature_group_count` 1 or depthwise (one filter per input
+  channel), default precision and dtype, go through `conv(impl='auto')`; anything else
+  is passed to `lax.conv_general_dilated` unchanged.
+  """
+  plain = functools.partial(
+      lax.conv_general_dilated, window_strides=window_strides, padding=padding,
+      lhs_dilation=lhs_dilation, rhs_dilation=rhs_dilation,
+      dimension_numbers=dimension_numbers, feature_group_count=feature_group_count,
+      batch_group_count=batch_group_count, precision=precision,
+      preferred_element_type=preferred_element_type)
+  if lhs.ndim != 4 or rhs.ndim != 4:
+    return plain(lhs, rhs)
+  nhwc = lax.conv_dimension_numbers(lhs.shape, rhs.shape, _NHWC)
+  given = lax.conv_dimension_numbers(lhs.shape, rhs.shape, dimension_numbers)
+  groups = feature_group_count
+  supported = (
+      given == nhwc and batch_group_count == 1 and precision is None
+      and preferred_element_type is None
+      and all(d == 1 for d in (lhs_dilation or (1, 1)))
+      and all(d == 1 for d in (rhs_dilation or (1, 1)))
+      and (groups == 1 or (groups == lhs.shape[-1] and rhs.shape[2:] == (1, groups))))
+  if not supported:
+    return plain(lhs, rhs)
+  return conv(lhs, rhs, window_strides, padding, feature_group_count=groups)
+
+
+def conv(x: jax.Array, kernel: jax.Array, strides: Sequence[int] = (1, 1),
+         padding: Padding = "VALID", *, feature_group_count: int = 1,
+         impl: str = "auto") -> jax.Array:
+  """2-D convolution, NHWC activations and HWIO kernel.
+
+  Args:
+    x: [B, H, W, C_in] inputs.
+    kernel: [kh, kw, C_in / groups, C_out]; depthwise: [kh, kw, 1, C_in].
+    strides: (sh, sw).
+    padding: 'VALID', 'SAME' or ((lo, hi), (lo, hi)).
+    feature_group_count: 1 (dense) or C_in (depthwise, C_out == C_in).
+    impl: 'auto' (CPU formulation on CPU, the plain op elsewhere), 'xla' or 'cpu'.
+
+  Returns:
+    [B, H', W', C_out], equal to `lax.conv_general_dilated` up to float rounding.
+
+  Raises:
+    ValueError: an unknown `impl`, or a grouped convolution that is not depthwise.
+  """
+  impl = _check_impl(impl)
+  strides = tuple(int(s) for s in strides)
+  if isinstance(padding, str):
+    padding = lax.padtype_to_pads(x.shape[1:3], kernel.shape[:2], strides, padding)
+  padding = tuple((int(lo), int(hi)) for lo, hi in padding)
+  groups = int(feature_group_count)
+  if groups != 1 and not (groups == x.shape[-1] and kernel.shape[2:] == (1, groups)):
+    raise ValueError(
+        f"feature_group_count={groups} with kernel shape {kernel.shape}: only dense (1) and "
+        f"depthwise ({x.shape[-1]}, kernel [kh, kw, 1, {x.shape[-1]}]) convolutions are "
+        "supported; use lax.conv_general_dilated for other groupings")
+  reference = functools.partial(_conv_xla, strides=strides, padding=padding, groups=groups)
+  if impl == "xla":
+    return reference(x, kernel)
+  if groups > 1:
+    cpu = functools.partial(_depthwise, strides=strides, padding=padding)
+  elif kernel.shape[:2] == (1, 1) and padding == ((0, 0), (0, 0)):
+    cpu = functools.partial(_pointwise, strides=strides)
+  else:
+    cpu = functools.partial(_dense, strides=strides, padding=padding)
+  if impl == "cpu":
+    return cpu(x, kernel)
+  return lax.platform_dependent(x, kernel, cpu=cpu, default=reference)
+
+
+def _conv_xla(x, kernel, *, strides, padding, groups):
+  return lax.conv_general_dilated(x, kernel, strides, padding, dimension_numbers=_NHWC,
+                                  feature_group_count=groups)
+
+
+def _chunks(batch: int, bytes_per_example: int) -> int:
+  """Number of equal batch chunks so that each holds about `_CHUNK_BYTES`."""
+  per_chunk = max(1, _CHUNK_BYTES // max(bytes_per_example, 1))
+  size = max(d for d in range(1, min(per_chunk, batch) + 1) if batch % d == 0)
+  return batch // size
+
+
+def _scan_sum(fn, xs: tuple[jax.Array, ...], num_chunks: int, init: jax.Array) -> jax.Array:
+  """sum_k fn(*chunk_k(xs)) over `num_chunks` equal chunks of the leading (batch) axis."""
+  if num_chunks == 1:
+    return fn(*xs)
+  split = tuple(a.reshape(num_chunks, a.shape[0] // num_chunks, *a.shape[1:]) for a in xs)
+  total, _ = lax.scan(lambda acc, chunk: (acc + fn(*chunk), None), init, split)
+  return total
+
+
+def _taps(x: jax.Array, window: tuple[int, int], strides: tuple[int, int],
+          padding: tuple[tuple[int, int], ...], out_hw: tuple[int, int]) -> list[jax.Array]:
+  """The kh*kw shifted (strided) views of padded x: each [B, H', W', C], row-major taps."""
+  (kh, kw), (sh, sw), (ho, wo) = window, strides, out_hw
+  x = jnp.pad(x, ((0, 0), padding[0], padding[1], (0, 0)))
+  return [lax.slice(x, (0, i, j, 0), (x.shape[0], i + (ho - 1) * sh + 1,
+                                      j + (wo - 1) * sw + 1, x.shape[3]), (1, sh, sw, 1))
+          for i in range(kh) for j in range(kw)]
+
+
+def _out_hw(x_shape, window, strides, padding) -> tuple[int, int]:
+  return tuple((x_shape[1 + a] + sum(padding[a]) - window[a]) // strides[a] + 1
+               for a in range(2))
+
+
+def _patches(x: jax.Array, window: tuple[int, int], strides: tuple[int, int],
+             padding: tuple[tuple[int, int], ...], out_hw: tuple[int, int]) -> jax.Array:
+  """im2col in channel-major layout: [kh * kw * C, B * H' * W'], rows in (i, j, c) order.
+
+  The input is transposed to [C, B, H, W] first, so every tap is a block copy of whole
+  rows into the major axis of the result; gathering the taps into the minor axis of an
+  NHWC array (XLA concatenates element by element there) was 5-10x slower. Each tap is
+  written in place with `dynamic_update_slice`, which XLA fuses with the tap's slice;
+  `jnp.stack` materialised every tap and then copied it again.
+  """
+  (kh, kw), (sh, sw), (ho, wo) = window, strides, out_hw
+  b, _, _, c = x.shape
+  xt = jnp.pad(x.transpose(3, 0, 1, 2), ((0, 0), (0, 0), padding[0], padding[1]))
+  patches = jnp.empty((kh * kw, c, b, ho, wo), x.dtype)
+  for i in range(kh):
+    for j in range(kw):
+      tap = lax.slice(xt, (0, 0, i, j), (c, b, i + (ho - 1) * sh + 1, j + (wo - 1) * sw + 1),
+                      (1, 1, sh, sw))
+      patches = lax.dynamic_update_slice(patches, tap[None], (i * kw + j, 0, 0, 0, 0))
+  return patches.reshape(kh * kw * c, b * ho * wo)
+
+
+def _map_chunks(fn, x: jax.Array, num_chunks: int) -> jax.Array:
+  """fn over `num_chunks` equal batch chunks of x, outputs concatenated along the batch."""
+  if num_chunks == 1:
+    return fn(x)
+  out = lax.map(fn, x.reshape(num_chunks, x.shape[0] // num_chunks, *x.shape[1:]))
+  return out.reshape(x.shape[0], *out.shape[2:])
+
+
+# Dense k x k. Forward and input gradient: XLA's convolutions (YNNPACK or Eigen), except
+# for inputs with fewer than `_SMALL_C_IN` channels (RGB images: Eigen's convolution runs
+# at a few GFLOP/s there), which use chunked im2col matmuls. Weight gradient: chunked
+# im2col matmuls (XLA transposes both operands in memory and then convolves).
+_SMALL_C_IN = 4
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3))
+def _dense(x, kernel, strides, padding):
+  if x.shape[-1] >= _SMALL_C_IN:
+    return _conv_xla(x, kernel, strides=strides, padding=padding, groups=1)
+  kh, kw, c_in, c_out = kernel.shape
+  out_hw = _out_hw(x.shape, (kh, kw), strides, padding)
+  weights = kernel.reshape(kh * kw * c_in, c_out)
+
+  def forward(x):
+    patches = _patches(x, (kh, kw), strides, padding, out_hw)
+    y = lax.dot_general(weights, patches, (((0,), (0,)), ((), ())))  # [C_out, b*H'*W']
+    return y.reshape(c_out, x.shape[0], *out_hw).transpose(1, 2, 3, 0)
+
+  num_chunks = _chunks(x.shape[0], math.prod(out_hw) * kh * kw * c_in * x.dtype.itemsize)
+  return _map_chunks(forward, x, num_chunks)
+
+
+def _dense_fwd(x, kernel, strides, padding):
+  return _dense(x, kernel, strides, padding), (x, kernel)
+
+
+def _dense_bwd(strides, padding, residuals, g):
+  x, kernel = residuals
+  _, input_vjp = jax.vjp(
+      lambda x: _conv_xla(x, kernel, strides=strides, padding=padding, groups=1), x)
+  (dx,) = input_vjp(g)
+  kh, kw, c_in, c_out = kernel.shape
+  out_hw = g.shape[1:3]
+
+  def weight_grad(x, g):
+    patches = _patches(x, (kh, kw), strides, padding, out_hw)
+    return patches @ g.reshape(-1, c_out)
+
+  num_chunks = _chunks(x.shape[0], math.prod(out_hw) * kh * kw * c_in * x.dtype.itemsize)
+  dk = _scan_sum(weight_grad, (x, g), num_chunks,
+                 jnp.zeros((kh * kw * c_in, c_out), kernel.dtype))
+  return dx, dk.reshape(kernel.shape).astype(kernel.dtype)
+
+
+_dense.defvjp(_dense_fwd, _dense_bwd)
+
+
+# Pointwise (1x1, unpadded): matmuls.
+
+
+def _pointwise(x, kernel, *, strides):
+  if strides != (1, 1):
+    x = x[:, ::strides[0], ::strides[1]]
+  return lax.dot_general(x, kernel[0, 0], (((3,), (0,)), ((), ())))
+
+
+# Depthwise: shifted multiply-adds; per-tap weight-gradient reductions over batch chunks.
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3))
+def _depthwise(x, kernel, strides, padding):
+  return _depthwise_taps(x, kernel, strides, padding)
+
+
+def _depthwise_taps(x, kernel, strides, padding):
+  kh, kw = kernel.shape[:2]
+  out_hw = _out_hw(x.shape, (kh, kw), strides, padding)
+  taps = _taps(x, (kh, kw), strides, padding, out_hw)
+  return sum(t * kernel[i // kw, i % kw, 0] for i, t in enumerate(taps))
+
+
+def _depthwise_fwd(x, kernel, strides, padding):
+  return _depthwise(x, kernel, strides, padding), (x, kernel)
+
+
+def _depthwise_bwd(strides, padding, residuals, g):
+  x, kernel = residuals
+  _, input_vjp = jax.vjp(lambda x: _depthwise_taps(x, kernel, strides, padding), x)
+  (dx,) = input_vjp(g)
+  kh, kw, _, c = kernel.shape
+  out_hw = g.shape[1:3]
+
+  def weight_grad(x, g):
+    taps = _taps(x, (kh, kw), strides, padding, out_hw)
+    return jnp.stack([jnp.sum(t * g, axis=(0, 1, 2)) for t in taps])
+
+  num_chunks = _chunks(x.shape[0], math.prod(out_hw) * c * x.dtype.itemsize)
+  dk = _scan_sum(weight_grad, (x, g), num_chunks, jnp.zeros((kh * kw, c), kernel.dtype))
+  return dx, dk.reshape(kernel.shape).astype(kernel.dtype)
+
+
+_depthwise.defvjp(_depthwise_fwd, _depthwise_bwd)
