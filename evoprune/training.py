@@ -166,6 +166,7 @@ def train_step(state: TrainState, x: jax.Array, y: jax.Array, *, model: nn.Modul
                        opt_state=opt_state), metrics
 
 
+@functools.lru_cache(maxsize=64)
 def make_train_epoch(model: nn.Module, tx: optax.GradientTransformation, *,
                      label_smoothing: float = 0.0, augment: Callable | None = None
                      ) -> Callable:
@@ -174,7 +175,8 @@ def make_train_epoch(model: nn.Module, tx: optax.GradientTransformation, *,
   `x` [N, ...], `y` [N] is the whole training split (device-resident) and `batch_indices`
   [steps, B] the batches to take, usually a whole epoch (compiled once per `steps`);
   metrics are per-step arrays [steps]. The state buffers are donated, so the previous state
-  must not be used after the call.
+  must not be used after the call. Memoized: the same (equal) model and the same `tx` object
+  give the same compiled function, so repeated `fit` calls do not recompile.
   """
   step = functools.partial(train_step, model=model, tx=tx, label_smoothing=label_smoothing,
                            augment=augment)
@@ -187,11 +189,13 @@ def make_train_epoch(model: nn.Module, tx: optax.GradientTransformation, *,
   return jax.jit(train_epoch, donate_argnums=(0,))
 
 
+@functools.lru_cache(maxsize=64)
 def make_evaluate(model: nn.Module, batch_size: int = 1000) -> Callable:
   """Returns `evaluate(params, batch_stats, x, y) -> {'loss', 'accuracy'}` (jax scalars).
 
   The split is padded to a multiple of `batch_size` and scanned in one compiled call; padded
-  examples get zero weight, so the result is exact for any split size.
+  examples get zero weight, so the result is exact for any split size. Memoized like
+  `make_train_epoch`.
   """
 
   @jax.jit

@@ -97,6 +97,7 @@ class Context:
   model: Any
   workdir: pathlib.Path
   steps_per_epoch: int
+  _tx_cache: dict = dataclasses.field(default_factory=dict)
 
   def fit_config(self, epochs: int, seed: int) -> training.FitConfig:
     c = self.config.train
@@ -105,6 +106,16 @@ class Context:
         augment=c.augment, checkpoint_every_epochs=c.checkpoint_every_epochs,
         checkpoint_every_steps=c.checkpoint_every_steps, steps_per_call=c.steps_per_call,
         eval_every_epochs=c.eval_every_epochs, progress=self.config.progress)
+
+  def tracking_tx(self, section: str, epochs: int) -> optax.GradientTransformation:
+    """The `section` optimizer ('train' or 'finetune') wrapped by a Pruner with fixed masks
+    that keeps the running average of the weights; one object per (section, epochs), so
+    every stage that uses it shares one compiled train step."""
+    key = (section, epochs)
+    if key not in self._tx_cache:
+      inner = self.optimizer(getattr(self.config, section), epochs)
+      self._tx_cache[key] = self.pruner("evolution").wrap(inner)
+    return self._tx_cache[key]
 
   def optimizer(self, section: ml_collections.ConfigDict, epochs: int
                 ) -> optax.GradientTransformation:
@@ -144,7 +155,7 @@ def evaluate(ctx: Context, state: training.TrainState) -> dict[str, float]:
 def train_dense(ctx: Context, seed: int) -> training.TrainState:
   """Trains the dense model, tracking the running average of its weights."""
   config = ctx.config
-  tx = ctx.pruner("evolution").wrap(ctx.optimizer(config.train, config.train.epochs))
+  tx = ctx.tracking_tx("train", config.train.epochs)
   state = training.create_train_state(ctx.model, tx, jax.random.key(seed),
                                       jnp.asarray(ctx.dataset.train.x[:1]))
   state, _ = training.fit(ctx.model, tx, state, ctx.dataset,
@@ -209,7 +220,7 @@ def finetune(ctx: Context, dense: training.TrainState, masks: Any, seed: int, st
   """Fine-tunes the masked dense model with the masks held fixed (pruned weights stay 0)."""
   config = ctx.config
   epochs = config.finetune.epochs if epochs is None else epochs
-  tx = ctx.pruner("evolution").wrap(ctx.optimizer(config.finetune, epochs))
+  tx = ctx.tracking_tx("finetune", epochs)
   params = ep.masks.apply(dense.params, masks)
   opt_state = ep.pruner.set_masks(tx.init(params), masks)
   state = training.TrainState(step=jnp.zeros((), jnp.int32), params=params,

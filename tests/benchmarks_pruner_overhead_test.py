@@ -18,12 +18,14 @@ class PrunerOverheadBenchmarkTest(absltest.TestCase):
     with tempfile.TemporaryDirectory() as tmp:
       out = pathlib.Path(tmp) / "overhead.json"
       proc = subprocess.run(
-          [sys.executable, "-m", "benchmarks.pruner_overhead", "--smoke", f"--out={out}"],
+          [sys.executable, "-m", "benchmarks.pruner_overhead", "--smoke",
+           "--models=lenet300_100", f"--out={out}"],
           cwd=REPO, capture_output=True, text=True, timeout=600,
           env=dict(os.environ, JAX_PLATFORMS="cpu"))
       self.assertEqual(proc.returncode, 0, proc.stderr[-3000:])
       results = json.loads(out.read_text())
-    self.assertEqual(set(results), {"lenet300_100", "thesis_cnn"})
+    # The CNN takes a minute to compile three train steps on 2 cores; the full run covers it.
+    self.assertEqual(set(results), {"lenet300_100"})
     for r in results.values():
       self.assertEqual(set(r), {"plain_ms", "pruned_ms", "update_ms", "pruned_over_plain",
                                 "update_over_plain"})

@@ -34,7 +34,7 @@ class ReadmeTest(absltest.TestCase):
     self.assertIn("bash ci", (REPO / ".ci" / "run").read_text())
 
   def test_configs_in_readme_exist(self):
-    for name in re.findall(r"experiments/configs/(\w+)\.py", README):
+    for name in re.findall(r"experiments/configs/([a-z0-9_]+)\.py", README):
       self.assertTrue((REPO / "experiments" / "configs" / f"{name}.py").exists(), name)
 
 
