@@ -71,7 +71,16 @@ def _tiny_problem(model_class, n, seed):
   return apply_fn, params, scores, x, y
 
 
-class BudgetTest(parameterized.TestCase):
+class TestCase(parameterized.TestCase):
+  """Compiles without most XLA optimisations: these tests are dominated by compile time."""
+
+  def setUp(self):
+    super().setUp()
+    jax.config.update("jax_disable_most_optimizations", True)
+    self.addCleanup(jax.config.update, "jax_disable_most_optimizations", False)
+
+
+class BudgetTest(TestCase):
 
   def test_projection_meets_global_sparsity_within_bounds(self):
     lower = np.array([0.5, 0.0, 0.0, 0.1])
@@ -133,7 +142,7 @@ class BudgetTest(parameterized.TestCase):
       build()
 
 
-class FitnessTest(parameterized.TestCase):
+class FitnessTest(TestCase):
 
   def test_masks_from_ranks_equal_topk(self):
     # Ties, -0.0 vs +0.0 and NaN exercise topk's ordering rule.
@@ -191,7 +200,7 @@ class FitnessTest(parameterized.TestCase):
       S.make_fitness(apply_fn, params, scores, x, y, **kwargs)
 
 
-class StrategyTest(parameterized.TestCase):
+class StrategyTest(TestCase):
 
   @parameterized.parameters(*sorted(S.STRATEGIES))
   def test_contract_under_jit_and_scan(self, name):
@@ -297,7 +306,7 @@ class StrategyTest(parameterized.TestCase):
       S.ga(4, toy_budget()).init(jax.random.key(0), np.zeros(3))
 
 
-class PopulationTest(parameterized.TestCase):
+class PopulationTest(TestCase):
 
   @parameterized.named_parameters(("mlp", TinyMLP), ("cnn", TinyCNN))
   def test_strategies_agree(self, model):
@@ -343,7 +352,7 @@ class PopulationTest(parameterized.TestCase):
       S.make_evaluator(toy_fitness, None, 4, 4, strategy="map", chunk_size=0)
 
 
-class EvolveTest(parameterized.TestCase):
+class EvolveTest(TestCase):
 
   def test_loop_and_compiled_generations_agree(self):
     search = S.cma_es(6, toy_budget())

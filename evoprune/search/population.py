@@ -154,7 +154,7 @@ def choose(prof: Profile, population_size: int) -> tuple[str, int | None]:
       a sequential `lax.map` (chunk 1). Batched (vmapped) matmuls and the grouped convs
       that vmapped convs become run slower on XLA:CPU than the same products one candidate
       at a time: for LeNet-300-100 (batch 1 to 1024) and the thesis CNN (batch 1 to 256),
-      chunk 1 beat vmap by 1.5x to 7x, and chunks of 4 or 8 were never faster
+      chunk 1 beat vmap by 1.1x to 7x, and chunks of 4 or 8 were never faster
       than chunk 1 and up to 4x slower;
     - CPU, tiny per-candidate work (a toy fitness): `vmap`, in memory-bounded chunks;
     - GPU/TPU: `vmap` when the whole population fits the memory budget, else `lax.map` in
