@@ -2,9 +2,15 @@
 
 A whole epoch (or a fixed number of steps) is one compiled call: the training split lives on
 the device and the epoch's shuffled batch indices (from `evoprune.data.epoch_batch_indices`)
-are scanned with `lax.scan`, so there is no host round-trip or Python dispatch per step. The optimizer may be any optax
-`GradientTransformation`, including `evoprune.Pruner.wrap(...)`, whose masks live in the
-optimizer state: checkpointing and resuming need nothing special for pruning.
+are scanned with `lax.scan`, so there is no host round-trip or Python dispatch per step. The
+optimizer may be any optax `GradientTransformation`, including `evoprune.Pruner.wrap(...)`,
+whose masks live in the optimizer state: checkpointing and resuming need nothing special for
+pruning.
+
+Scale-out (see `evoprune.parallel`): `fit(..., mesh=...)` trains data-parallel over a device
+mesh (the same program, the batch split over devices, the state replicated or sharded by a
+rule; multi-host jobs write files from process 0 only), and `fit_seeds` trains S seeds of
+one configuration as a single vmapped program.
 """
 
 import dataclasses
@@ -13,6 +19,7 @@ import json
 import os
 import pathlib
 import time
+from collections.abc import Sequence
 from typing import Any, Callable, Iterable
 
 from absl import logging
@@ -26,6 +33,7 @@ import orbax.checkpoint as ocp
 import tqdm
 
 from evoprune import data as data_lib
+from evoprune import parallel
 from evoprune.types import Params
 
 
@@ -166,10 +174,27 @@ def train_step(state: TrainState, x: jax.Array, y: jax.Array, *, model: nn.Modul
                        opt_state=opt_state), metrics
 
 
+def _epoch_fn(model: nn.Module, tx: optax.GradientTransformation, label_smoothing: float,
+              augment: Callable | None, mesh: jax.sharding.Mesh | None) -> Callable:
+  """The uncompiled `train_epoch(state, x, y, batch_indices)`: a scan of train steps."""
+  step = functools.partial(train_step, model=model, tx=tx, label_smoothing=label_smoothing,
+                           augment=augment)
+
+  def train_epoch(state, x, y, batch_indices):
+    def body(state, idx):
+      xb, yb = x[idx], y[idx]
+      if mesh is not None:  # the gathered batch stays split over the devices
+        xb, yb = parallel.constrain_batch(xb, mesh), parallel.constrain_batch(yb, mesh)
+      return step(state, xb, yb)
+    return jax.lax.scan(body, state, batch_indices)
+
+  return train_epoch
+
+
 @functools.lru_cache(maxsize=64)
 def make_train_epoch(model: nn.Module, tx: optax.GradientTransformation, *,
-                     label_smoothing: float = 0.0, augment: Callable | None = None
-                     ) -> Callable:
+                     label_smoothing: float = 0.0, augment: Callable | None = None,
+                     mesh: jax.sharding.Mesh | None = None) -> Callable:
   """Returns `train_epoch(state, x, y, batch_indices) -> (state, metrics)`, compiled once.
 
   `x` [N, ...], `y` [N] is the whole training split (device-resident) and `batch_indices`
@@ -177,16 +202,27 @@ def make_train_epoch(model: nn.Module, tx: optax.GradientTransformation, *,
   metrics are per-step arrays [steps]. The state buffers are donated, so the previous state
   must not be used after the call. Memoized: the same (equal) model and the same `tx` object
   give the same compiled function, so repeated `fit` calls do not recompile.
+
+  With a `mesh` (see `evoprune.parallel`), each step's batch is kept split over the mesh's
+  `data` axis; the caller places the arrays (`fit` does): x, y replicated, the state
+  replicated or sharded by a rule, batch_indices split along B.
   """
-  step = functools.partial(train_step, model=model, tx=tx, label_smoothing=label_smoothing,
-                           augment=augment)
+  return jax.jit(_epoch_fn(model, tx, label_smoothing, augment, mesh), donate_argnums=(0,))
 
-  def train_epoch(state, x, y, batch_indices):
-    def body(state, idx):
-      return step(state, x[idx], y[idx])
-    return jax.lax.scan(body, state, batch_indices)
 
-  return jax.jit(train_epoch, donate_argnums=(0,))
+@functools.lru_cache(maxsize=64)
+def make_seeds_train_epoch(model: nn.Module, tx: optax.GradientTransformation, *,
+                           label_smoothing: float = 0.0, augment: Callable | None = None
+                           ) -> Callable:
+  """`make_train_epoch` for S seeds at once: one compiled, vmapped program.
+
+  Returns `train_epoch(states, x, y, batch_indices) -> (states, metrics)` where `states`
+  has a leading seed axis S on every leaf (`parallel.stack`), `batch_indices` is
+  [S, steps, B] (each seed its own data order) and metrics are [S, steps]. The data x, y is
+  shared. Seed s follows exactly the computation of its own `make_train_epoch` run.
+  """
+  epoch = _epoch_fn(model, tx, label_smoothing, augment, None)
+  return jax.jit(jax.vmap(epoch, in_axes=(0, None, None, 0)), donate_argnums=(0,))
 
 
 @functools.lru_cache(maxsize=64)
@@ -284,7 +320,8 @@ class FitConfig:
 
 def fit(model: nn.Module, tx: optax.GradientTransformation, state: TrainState,
         dataset: data_lib.Dataset, config: FitConfig, *, workdir: str | os.PathLike | None = None,
-        stage: str = "train", on_epoch_end: Callable[[TrainState, dict], None] | None = None
+        stage: str = "train", on_epoch_end: Callable[[TrainState, dict], None] | None = None,
+        mesh: jax.sharding.Mesh | None = None, sharding_rule: str | Callable = "replicate"
         ) -> tuple[TrainState, dict]:
   """Trains `state` for `config.epochs` epochs, resuming from `workdir`'s checkpoints.
 
@@ -296,6 +333,12 @@ def fit(model: nn.Module, tx: optax.GradientTransformation, state: TrainState,
   exactly the parameters and events of an uninterrupted run: the data order and per-step
   keys depend only on the seed, the epoch and the step.
 
+  With a `mesh` (`evoprune.parallel.data_mesh()`), training is data-parallel over its
+  devices: the data is replicated, every batch split over the devices, the state placed by
+  `sharding_rule` ('replicate', 'fsdp' or a callable, see `parallel.leaf_spec`). The
+  results equal a one-device run's to float rounding. In a multi-process job every
+  process calls `fit` alike; only process 0 writes `metrics.jsonl`.
+
   Returns:
     The final state and the last evaluation {'val_loss', 'val_accuracy', 'train_loss', ...}.
 
@@ -303,14 +346,99 @@ def fit(model: nn.Module, tx: optax.GradientTransformation, state: TrainState,
     NonFiniteLossError: when a loss is NaN/Inf (naming the first bad step); the last good
       checkpoint is left in place.
   """
+  augment = data_lib.augment if config.augment else None
+  train_steps = make_train_epoch(model, tx, label_smoothing=config.label_smoothing,
+                                 augment=augment, mesh=mesh)
+  evaluate = make_evaluate(model)
+  state, evals = _fit_loop(
+      train_steps, lambda s, x, y: evaluate(s.params, s.batch_stats, x, y), state, dataset,
+      config, seeds=None, stages=(stage,), checkpoint_name=stage, workdir=workdir,
+      on_epoch_end=on_epoch_end, mesh=mesh, sharding_rule=sharding_rule)
+  return state, evals[0]
+
+
+def fit_seeds(model: nn.Module, tx: optax.GradientTransformation, states: TrainState,
+              dataset: data_lib.Dataset, config: FitConfig, seeds: Sequence[int], *,
+              workdir: str | os.PathLike | None = None, stage: str = "seeds",
+              stages: Sequence[str] | None = None,
+              on_epoch_end: Callable[[TrainState, list[dict]], None] | None = None
+              ) -> tuple[TrainState, list[dict]]:
+  """`fit` for S seeds of one configuration as a single compiled, vmapped program.
+
+  Seed `seeds[s]` trains `parallel.unstack(states, s)` on its own data order
+  (`epoch_batch_indices(..., seed=seeds[s])`, `config.seed` is ignored) and, to float
+  rounding, ends where `fit(..., config with seed=seeds[s])` from that state would.
+  Whether this beats S sequential `fit` calls depends on the model
+  (`parallel.seed_strategy`).
+
+  Args:
+    model, tx, dataset, config, workdir: as for `fit`.
+    states: the S initial states stacked on a leading axis (`parallel.stack`).
+    seeds: S data-order seeds.
+    stage: checkpoints go to `workdir/checkpoints/<stage>`.
+    stages: the `stage` of each seed's events in metrics.jsonl (default
+      `<stage>/seed<seed>`).
+    on_epoch_end: called with the stacked states and the S events after evaluations.
+
+  Returns:
+    The stacked final states and each seed's last evaluation.
+
+  Raises:
+    ValueError: seeds and states disagree in number, or stages has the wrong length.
+    NonFiniteLossError: as for `fit`.
+  """
+  seeds = tuple(int(s) for s in seeds)
+  count = {np.shape(leaf)[0] if np.ndim(leaf) else None for leaf in jax.tree.leaves(states)}
+  if not seeds or count != {len(seeds)}:
+    raise ValueError(f"states must hold one stacked state per seed ({len(seeds)} seeds "
+                     f"{seeds}), found leading axes {sorted(count, key=str)}; build them "
+                     "with ep.parallel.stack([...])")
+  stages = tuple(stages) if stages is not None else tuple(f"{stage}/seed{s}" for s in seeds)
+  if len(stages) != len(seeds):
+    raise ValueError(f"stages has {len(stages)} names for {len(seeds)} seeds; pass one each")
+  augment = data_lib.augment if config.augment else None
+  train_steps = make_seeds_train_epoch(model, tx, label_smoothing=config.label_smoothing,
+                                       augment=augment)
+  evaluate = jax.vmap(make_evaluate(model), in_axes=(0, 0, None, None))
+  return _fit_loop(
+      train_steps, lambda s, x, y: evaluate(s.params, s.batch_stats, x, y), states, dataset,
+      config, seeds=seeds, stages=stages, checkpoint_name=stage, workdir=workdir,
+      on_epoch_end=on_epoch_end, mesh=None, sharding_rule="replicate")
+
+
+def _fit_loop(train_steps: Callable, evaluate: Callable, state: TrainState,
+              dataset: data_lib.Dataset, config: FitConfig, *, seeds: tuple[int, ...] | None,
+              stages: tuple[str, ...], checkpoint_name: str,
+              workdir: str | os.PathLike | None, on_epoch_end: Callable | None,
+              mesh: jax.sharding.Mesh | None, sharding_rule: str | Callable
+              ) -> tuple[TrainState, list[dict]]:
+  """The loop of `fit` (seeds=None: one state) and `fit_seeds` (a stacked state per seed)."""
+  stacked = seeds is not None
+  seeds = seeds if stacked else (config.seed,)
   steps_per_epoch = data_lib.steps_per_epoch(dataset.train, config.batch_size)
   steps_per_call = min(config.steps_per_call or steps_per_epoch, steps_per_epoch)
   total_steps = config.epochs * steps_per_epoch
-  x_train, y_train = jnp.asarray(dataset.train.x), jnp.asarray(dataset.train.y)
-  x_val, y_val = jnp.asarray(dataset.val.x), jnp.asarray(dataset.val.y)
-  train_steps = make_train_epoch(model, tx, label_smoothing=config.label_smoothing,
-                                 augment=data_lib.augment if config.augment else None)
-  evaluate = make_evaluate(model)
+  num_train = len(dataset.train.y)
+  writer = parallel.is_writer()
+  if mesh is None:
+    place = jnp.asarray
+    # The compiled calls donate their input; copy once so the caller's arrays (which may
+    # be shared with other states, e.g. the dense model a pruned copy started from) stay
+    # valid.
+    state = jax.tree.map(jnp.copy, state)
+  else:
+    place = functools.partial(parallel.global_array, sharding=parallel.replicated(mesh))
+    state = parallel.put(state, parallel.tree_shardings(state, mesh, sharding_rule))
+  x_train, y_train = place(dataset.train.x), place(dataset.train.y)
+  x_val, y_val = place(dataset.val.x), place(dataset.val.y)
+
+  def batch_indices(epoch: int, offset: int, count: int) -> jax.Array:
+    rows = [data_lib.epoch_batch_indices(num_train, config.batch_size, seed=seed,
+                                         epoch=epoch)[offset:offset + count] for seed in seeds]
+    idx = np.stack(rows) if stacked else rows[0]
+    if mesh is None:
+      return jnp.asarray(idx)
+    return parallel.global_array(idx, parallel.batch_sharding(mesh, idx.ndim, idx.ndim - 1))
 
   def checkpoint_due(before: int, after: int) -> bool:
     if after == total_steps:
@@ -319,67 +447,79 @@ def fit(model: nn.Module, tx: optax.GradientTransformation, state: TrainState,
       return after // config.checkpoint_every_steps > before // config.checkpoint_every_steps
     return after % (config.checkpoint_every_epochs * steps_per_epoch) == 0
 
+  def current_step(state: TrainState) -> int:
+    return int(np.asarray(state.step).reshape(-1)[0])  # every seed is at the same step
+
   manager, metrics_path = None, None
   if workdir is not None:
     workdir = pathlib.Path(workdir)
     metrics_path = workdir / "metrics.jsonl"
     manager = ocp.CheckpointManager(
-        (workdir / "checkpoints" / stage).absolute(),
+        (workdir / "checkpoints" / checkpoint_name).absolute(),
         options=ocp.CheckpointManagerOptions(max_to_keep=2, create=True))
     if manager.latest_step() is not None:
       state = manager.restore(manager.latest_step(), args=ocp.args.StandardRestore(state))
-      logging.info("%s: resumed from step %d", stage, int(state.step))
+      logging.info("%s: resumed from step %d", checkpoint_name, current_step(state))
     # Events past the checkpoint (or all of them, without one) are recomputed now.
-    _truncate_events(metrics_path, stage, int(state.step))
+    if writer:
+      for stage in stages:
+        _truncate_events(metrics_path, stage, current_step(state))
 
-  # The compiled calls donate their input; copy once so the caller's arrays (which may be
-  # shared with other states, e.g. the dense model a pruned copy started from) stay valid.
-  state = jax.tree.map(jnp.copy, state)
-  step = int(state.step)
-  last_eval: dict = {}
-  bar = tqdm.tqdm(desc=stage, total=total_steps, initial=step, disable=not config.progress,
-                  leave=False, unit="step")
+  step = current_step(state)
+  last_evals: list[dict] = [{} for _ in seeds]
+  bar = tqdm.tqdm(desc=checkpoint_name, total=total_steps, initial=step,
+                  disable=not config.progress or not writer, leave=False, unit="step")
   try:
     while step < total_steps:
       epoch, offset = divmod(step, steps_per_epoch)
       count = min(steps_per_call, steps_per_epoch - offset)
-      batch_indices = data_lib.epoch_batch_indices(len(dataset.train.y), config.batch_size,
-                                                   seed=config.seed, epoch=epoch)
-      state, metrics = train_steps(state, x_train, y_train,
-                                   jnp.asarray(batch_indices[offset:offset + count]))
-      losses = np.asarray(metrics["loss"])
-      if not np.all(np.isfinite(losses)):
-        bad_step = step + int(np.argmin(np.isfinite(losses)))
+      state, metrics = train_steps(state, x_train, y_train, batch_indices(epoch, offset, count))
+      losses = np.asarray(metrics["loss"]).reshape(len(seeds), count)
+      accuracies = np.asarray(metrics["accuracy"]).reshape(len(seeds), count)
+      finite = np.isfinite(losses)
+      if not finite.all():
+        row, col = np.argwhere(~finite)[0]
         raise NonFiniteLossError(
-            f"{stage}: non-finite loss at step {bad_step} (epoch {epoch}); the last good "
-            f"checkpoint is kept. Lower the learning rate or check the data.")
+            f"{stages[row]}: non-finite loss at step {step + col} (epoch {epoch}); the last "
+            "good checkpoint is kept. Lower the learning rate or check the data.")
       before, step = step, step + count
       bar.update(count)
       if manager is not None and checkpoint_due(before, step):
         manager.save(step, args=ocp.args.StandardSave(state))
-      event = {"stage": stage, "epoch": step / steps_per_epoch, "step": step,
-               "train_loss": float(losses.mean()),
-               "train_accuracy": float(np.mean(metrics["accuracy"])), "time": time.time()}
-      epoch_done = step % steps_per_epoch == 0
-      if epoch_done and ((epoch + 1) % config.eval_every_epochs == 0 or step == total_steps):
-        val = evaluate(state.params, state.batch_stats, x_val, y_val)
-        event.update(epoch=epoch + 1, val_loss=float(val["loss"]),
-                     val_accuracy=float(val["accuracy"]))
-        last_eval = event
-        bar.set_postfix(loss=f"{event['train_loss']:.3f}", val_acc=f"{event['val_accuracy']:.3f}")
-        logging.info("%s epoch %d: %s", stage, epoch + 1,
-                     {k: v for k, v in event.items() if k not in ("stage", "time")})
-      if metrics_path is not None and (steps_per_call < steps_per_epoch or "val_loss" in event):
-        append_jsonl(metrics_path, event)
-      if on_epoch_end is not None and "val_loss" in event:
-        on_epoch_end(state, event)
+      events = [{"stage": stage, "epoch": step / steps_per_epoch, "step": step,
+                 "train_loss": float(losses[k].mean()),
+                 "train_accuracy": float(accuracies[k].mean()), "time": time.time()}
+                for k, stage in enumerate(stages)]
+      evaluated = step % steps_per_epoch == 0 and (
+          (epoch + 1) % config.eval_every_epochs == 0 or step == total_steps)
+      if evaluated:
+        val = evaluate(state, x_val, y_val)
+        val_loss = np.asarray(val["loss"]).reshape(-1)
+        val_accuracy = np.asarray(val["accuracy"]).reshape(-1)
+        for k, event in enumerate(events):
+          event.update(epoch=epoch + 1, val_loss=float(val_loss[k]),
+                       val_accuracy=float(val_accuracy[k]))
+        last_evals = events
+        bar.set_postfix(loss=f"{events[0]['train_loss']:.3f}",
+                        val_acc=f"{events[0]['val_accuracy']:.3f}")
+        for event in events:
+          logging.info("%s epoch %d: %s", event["stage"], epoch + 1,
+                       {k: v for k, v in event.items() if k not in ("stage", "time")})
+      if writer and metrics_path is not None and (steps_per_call < steps_per_epoch or evaluated):
+        for event in events:
+          append_jsonl(metrics_path, event)
+      if on_epoch_end is not None and evaluated:
+        on_epoch_end(state, events if stacked else events[0])
   finally:
     bar.close()
     if manager is not None:
       manager.wait_until_finished()
       manager.close()
-  if not last_eval:  # resumed after the last step: report the final state's metrics
-    val = evaluate(state.params, state.batch_stats, x_val, y_val)
-    last_eval = {"stage": stage, "epoch": config.epochs, "step": int(state.step),
-                 "val_loss": float(val["loss"]), "val_accuracy": float(val["accuracy"])}
-  return state, last_eval
+  if not last_evals[0]:  # resumed after the last step: report the final state's metrics
+    val = evaluate(state, x_val, y_val)
+    val_loss = np.asarray(val["loss"]).reshape(-1)
+    val_accuracy = np.asarray(val["accuracy"]).reshape(-1)
+    last_evals = [{"stage": stage, "epoch": config.epochs, "step": current_step(state),
+                   "val_loss": float(val_loss[k]), "val_accuracy": float(val_accuracy[k])}
+                  for k, stage in enumerate(stages)]
+  return state, last_evals
