@@ -21,8 +21,7 @@ the run is restarted with the same workdir; dense training resumes from its chec
 
 import json
 import pathlib
-import time
-from typing import Any, Callable
+from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -34,27 +33,11 @@ from evoprune import training
 from experiments import pipeline
 
 ALLOCATIONS = ("uniform", "global", "erk", "evolutionary")
-HEURISTICS = {"uniform": ep.allocation.uniform, "global": ep.allocation.global_,
-              "erk": ep.allocation.erk}
-
-
-def _is_none(x: Any) -> bool:
-  return x is None
-
-
-def _targets(config: ml_collections.ConfigDict) -> tuple[float, ...]:
-  value = config.prune.target_sparsity
-  targets = tuple(value) if isinstance(value, (tuple, list)) else (value,)
-  for t in targets:
-    if not isinstance(t, (int, float)) or not 0.0 <= t < 1.0:
-      raise ValueError(f"config.prune.target_sparsity contains {t!r}: each target must be a "
-                       "number in [0, 1), e.g. (0.9, 0.95).")
-  return tuple(float(t) for t in targets)
 
 
 def validate(config: ml_collections.ConfigDict) -> None:
   """Fails fast, before any training, on invalid study settings."""
-  _targets(config)
+  pipeline.targets(config)
   if not config.seeds:
     raise ValueError("config.seeds is empty; give at least one seed, e.g. (0, 1, 2).")
   s = config.search
@@ -74,124 +57,22 @@ def validate(config: ml_collections.ConfigDict) -> None:
     raise ValueError("config.train.epochs and config.train.batch_size must be >= 1.")
 
 
-# ----------------------------------------------------------------------------- stages
-
-
-def _fit_config(config: ml_collections.ConfigDict, epochs: int, seed: int
-                ) -> training.FitConfig:
-  c = config.train
-  return training.FitConfig(
-      epochs=epochs, batch_size=c.batch_size, seed=seed, label_smoothing=c.label_smoothing,
-      augment=c.augment, checkpoint_every_epochs=c.checkpoint_every_epochs,
-      eval_every_epochs=c.eval_every_epochs, progress=config.progress)
-
-
-def _optimizer(config: ml_collections.ConfigDict, section: ml_collections.ConfigDict,
-               epochs: int, steps_per_epoch: int):
-  lr = training.learning_rate_schedule(
-      section.lr_schedule, section.learning_rate, epochs * steps_per_epoch,
-      warmup_steps=getattr(section, "warmup_epochs", 0) * steps_per_epoch)
-  return training.make_optimizer(section.optimizer, lr, momentum=config.train.momentum,
-                                 weight_decay=config.train.weight_decay)
-
-
-def train_dense(config, dataset, model, workdir: pathlib.Path, seed: int
-                ) -> training.TrainState:
-  """Trains the dense model (checkpointed under `checkpoints/seed<seed>/dense`)."""
-  steps = ep.data.steps_per_epoch(dataset.train, config.train.batch_size)
-  tx = _optimizer(config, config.train, config.train.epochs, steps)
-  state = training.create_train_state(model, tx, jax.random.key(seed),
-                                      jnp.asarray(dataset.train.x[:1]))
-  state, _ = training.fit(model, tx, state, dataset,
-                          _fit_config(config, config.train.epochs, seed), workdir=workdir,
-                          stage=f"seed{seed}/dense")
-  return state
-
-
-def finetune(config, dataset, model, dense: training.TrainState, masks: Any,
-             workdir: pathlib.Path, seed: int, stage: str) -> training.TrainState:
-  """Fine-tunes the masked dense weights with the masks fixed (pruned weights stay zero)."""
-  epochs = config.finetune.epochs
-  steps = ep.data.steps_per_epoch(dataset.train, config.train.batch_size)
-  tx = ep.Pruner(importance="magnitude").wrap(
-      _optimizer(config, config.finetune, epochs, steps))
-  params = ep.masks.apply(dense.params, masks)
-  state = training.TrainState(
-      step=jnp.zeros((), jnp.int32), params=params, batch_stats=dense.batch_stats,
-      opt_state=ep.pruner.set_masks(tx.init(params), masks),
-      rng=jax.random.key_data(jax.random.key(seed + 10_000)))
-  state, _ = training.fit(model, tx, state, dataset, _fit_config(config, epochs, seed),
-                          workdir=workdir, stage=stage)
-  return state
-
-
-def measure(config, dataset, model, params: Any, batch_stats: Any, masks: Any
-            ) -> dict[str, Any]:
-  """Validation/test accuracy, achieved sparsity and costs of masked params."""
-  evaluate = training.make_evaluate(model, config.eval_batch_size)
-  out: dict[str, Any] = {}
-  for split in ("val", "test"):
-    s = getattr(dataset, split)
-    m = evaluate(params, batch_stats, jnp.asarray(s.x), jnp.asarray(s.y))
-    out[f"{split}_accuracy"] = float(m["accuracy"])
-    out[f"{split}_loss"] = float(m["loss"])
-  summary = ep.masks.summary(masks)
-  cost = ep.cost.report(model, params, masks, dataset.input_shape, batch_stats=batch_stats)
-  out.update(
-      sparsity_global=summary["sparsity"],
-      sparsity_per_layer={k: v["sparsity"] for k, v in summary["layers"].items()},
-      params_total=cost["params"]["total"], params_nonzero=cost["params"]["nonzero"],
-      macs_dense=cost["macs"]["dense"], macs_effective=cost["macs"]["effective"],
-      bytes_fp32_dense=cost["bytes"]["fp32_dense"], bytes_sparse=cost["bytes"]["sparse"])
-  return out
-
-
-def _cached(path: pathlib.Path, compute: Callable[[], dict]) -> dict:
-  """The stored result of a finished stage, or computes it and stores it atomically."""
-  if path.exists():
-    return json.loads(path.read_text(encoding="utf-8"))
-  path.parent.mkdir(parents=True, exist_ok=True)
-  start = time.time()
-  result = compute()
-  result["wall_time_s"] = time.time() - start
-  training.write_json_atomic(path, result)
-  return result
-
-
-def magnitude_scores(params: Any) -> Any:
-  """|w| on the prunable leaves (`masks.init`), None elsewhere."""
-  template = ep.masks.init(params)
-  return jax.tree.map(lambda m, p: None if m is None else jnp.abs(p), template, params,
-                      is_leaf=_is_none)
-
-
-def allocate(config, model, dense: training.TrainState, dataset, scores: Any, name: str,
+def allocate(ctx: pipeline.Context, dense: training.TrainState, scores: Any, name: str,
              target: float, seed: int) -> tuple[list[float], dict | None]:
   """Per-layer sparsity vector [L] of one allocation, and the search history if any."""
   if name != "evolutionary":
-    tree = HEURISTICS[name](scores, target)
+    tree = ep.allocation.get(name)(scores, target)
     return [float(v) for v in jax.tree.leaves(tree)], None
-  s = config.search
-  n = min(s.fitness_examples, len(dataset.val.y))
-  batch_stats = dense.batch_stats
-
-  def apply_fn(params, x):
-    variables = {"params": params, **({"batch_stats": batch_stats} if batch_stats else {})}
-    return model.apply(variables, x, train=False)
-
   results: list[ep.search.EvolveResult] = []
-  allocate_fn = ep.search.evolutionary_allocation(
-      apply_fn, dense.params, dataset.val.x[:n], dataset.val.y[:n],
-      key=jax.random.fold_in(jax.random.key(seed), int(round(target * 1e6))),
-      strategy=s.strategy, population_size=s.population_size, generations=s.generations,
-      metric=s.metric, lower=s.lower, upper=s.upper,
-      seeds=tuple(HEURISTICS[h] for h in s.seed_allocations), evaluation=s.evaluation,
-      on_result=results.append)
+  allocate_fn = pipeline.evolutionary_allocation(ctx, dense, seed, target,
+                                                 on_result=results.append)
   vector = [float(v) for v in jax.tree.leaves(allocate_fn(scores, target))]
   result = results[0]
   history = {k: np.asarray(v).tolist() for k, v in result.history.items()}
   history.update(chosen=vector, chosen_fitness=result.best_fitness, evaluation=result.evaluation,
-                 layers=ep.masks.paths(scores), fitness_examples=n, metric=s.metric)
+                 layers=ep.masks.paths(scores), metric=ctx.config.search.metric,
+                 fitness_examples=min(ctx.config.search.fitness_examples,
+                                      len(ctx.dataset.val.y)))
   return vector, history
 
 
@@ -201,47 +82,38 @@ def allocate(config, model, dense: training.TrainState, dataset, scores: Any, na
 def run(config: ml_collections.ConfigDict, workdir: str | pathlib.Path) -> dict:
   """Runs the study; returns (and writes) `summary.json`'s content."""
   validate(config)
-  workdir = pathlib.Path(workdir)
-  workdir.mkdir(parents=True, exist_ok=True)
-  training.write_json_atomic(workdir / "config.json", json.loads(config.to_json_best_effort()))
-  dataset = ep.data.load(config.data.name, data_dir=config.data.dir or None,
-                         val_size=config.data.val_size, seed=config.data.split_seed)
-  model = ep.models.create(config.model.name, num_classes=dataset.num_classes,
-                           **config.model.kwargs.to_dict())
+  ctx = pipeline.setup(config, workdir)
   rows: dict[tuple[str, float], list[dict]] = {}
   histories: dict[str, dict] = {}
   vectors: dict[tuple[str, float], list[list[float]]] = {}
   for seed in config.seeds:
-    results_dir = workdir / "results" / f"seed{seed}"
+    results_dir = ctx.workdir / "results" / f"seed{seed}"
     dense: list[training.TrainState] = []
 
     def dense_state(seed=seed):
       if not dense:
-        dense.append(train_dense(config, dataset, model, workdir, seed))
+        dense.append(pipeline.train_dense(ctx, seed))
       return dense[0]
 
-    rows.setdefault(("dense", 0.0), []).append(_cached(
-        results_dir / "dense.json",
-        lambda: measure(config, dataset, model, dense_state().params,
-                        dense_state().batch_stats, None)))
-    for target in _targets(config):
+    rows.setdefault(("dense", 0.0), []).append(pipeline.cached(
+        results_dir / "dense.json", lambda: pipeline.measure(ctx, dense_state(), None)))
+    for target in pipeline.targets(config):
       for name in config.search.compare:
         tag = f"{name}@{target:g}"
 
         def oneshot(name=name, target=target):
           state = dense_state()
-          scores = magnitude_scores(state.params)
-          vector, history = allocate(config, model, state, dataset, scores, name, target,
-                                     seed)
+          scores = ep.Pruner().scores(state.params)  # |w| on the prunable leaves
+          vector, history = allocate(ctx, state, scores, name, target, seed)
           masks = ep.masks.topk(scores, jnp.asarray(vector, jnp.float32))
-          result = measure(config, dataset, model, ep.masks.apply(state.params, masks),
-                           state.batch_stats, masks)
+          result = pipeline.measure(
+              ctx, state.replace(params=ep.masks.apply(state.params, masks)), masks)
           result["allocation"] = vector
           if history is not None:
             result["search"] = history
           return result
 
-        first = _cached(results_dir / f"{tag}.json", oneshot)
+        first = pipeline.cached(results_dir / f"{tag}.json", oneshot)
         rows.setdefault((f"alloc:{name}", target), []).append(first)
         vectors.setdefault((name, target), []).append(first["allocation"])
         if "search" in first:
@@ -250,23 +122,21 @@ def run(config: ml_collections.ConfigDict, workdir: str | pathlib.Path) -> dict:
 
           def tuned(first=first, tag=tag):
             state = dense_state()
-            masks = ep.masks.topk(magnitude_scores(state.params),
+            masks = ep.masks.topk(ep.Pruner().scores(state.params),
                                   jnp.asarray(first["allocation"], jnp.float32))
-            state = finetune(config, dataset, model, state, masks, workdir, seed,
-                             stage=f"seed{seed}/{tag}+ft")
-            return measure(config, dataset, model, state.params, state.batch_stats,
-                           state.opt_state.masks)
+            state = pipeline.finetune(ctx, state, masks, seed, f"seed{seed}/{tag}+ft")
+            return pipeline.measure(ctx, state, state.opt_state.masks)
 
           rows.setdefault((f"alloc:{name}+ft", target), []).append(
-              _cached(results_dir / f"{tag}+ft.json", tuned))
+              pipeline.cached(results_dir / f"{tag}+ft.json", tuned))
   # One-shot rows first, then fine-tuned ones, each by target.
   ordered = dict(sorted(rows.items(), key=lambda kv: (kv[0][0] != "dense",
                                                      kv[0][0].endswith("+ft"), kv[0][1])))
   summary = pipeline.summarize(config, ordered)
-  training.write_json_atomic(workdir / "summary.json", summary)
-  training.write_json_atomic(workdir / "search_history.json", histories)
-  (workdir / "report.md").write_text(pipeline.format_report(summary), encoding="utf-8")
-  plot(histories, vectors, summary, workdir)
+  training.write_json_atomic(ctx.workdir / "summary.json", summary)
+  training.write_json_atomic(ctx.workdir / "search_history.json", histories)
+  (ctx.workdir / "report.md").write_text(pipeline.format_report(summary), encoding="utf-8")
+  plot(histories, vectors, summary, ctx.workdir)
   return summary
 
 

@@ -42,7 +42,7 @@ WHEN = ("after", "during")
 SCHEDULES = ("constant", "polynomial_decay")
 
 
-def _targets(config: ml_collections.ConfigDict) -> tuple[float, ...]:
+def targets(config: ml_collections.ConfigDict) -> tuple[float, ...]:
   value = config.prune.target_sparsity
   targets = tuple(value) if isinstance(value, (tuple, list)) else (value,)
   for t in targets:
@@ -54,7 +54,7 @@ def _targets(config: ml_collections.ConfigDict) -> tuple[float, ...]:
 
 def validate(config: ml_collections.ConfigDict) -> None:
   """Fails fast, before any training, on invalid values (unknown fields fail in the flags)."""
-  _targets(config)
+  targets(config)
   if not config.seeds:
     raise ValueError("config.seeds is empty; give at least one seed, e.g. (0,).")
   for m in config.prune.methods:
@@ -73,7 +73,12 @@ def validate(config: ml_collections.ConfigDict) -> None:
   elif "movement" in config.prune.methods:
     raise ValueError("method 'movement' accumulates -w*g while the model is pruned; use "
                      "config.prune.when='during'.")
-  ep.allocation.get(config.prune.allocation)
+  if config.prune.allocation == "evolutionary":
+    if config.prune.when != "after":
+      raise ValueError("config.prune.allocation='evolutionary' searches once on the trained "
+                       "model; use config.prune.when='after'.")
+  else:
+    ep.allocation.get(config.prune.allocation)
   for name, value in (("train.optimizer", config.train.optimizer),
                       ("finetune.optimizer", config.finetune.optimizer)):
     if value not in training.OPTIMIZERS:
@@ -114,7 +119,7 @@ class Context:
     key = (section, epochs)
     if key not in self._tx_cache:
       inner = self.optimizer(getattr(self.config, section), epochs)
-      self._tx_cache[key] = self.pruner("evolution").wrap(inner)
+      self._tx_cache[key] = self.pruner("evolution", allocation="uniform").wrap(inner)
     return self._tx_cache[key]
 
   def optimizer(self, section: ml_collections.ConfigDict, epochs: int
@@ -132,9 +137,10 @@ class Context:
     return ep.importance.RunningAverage(kind=p.average, window=p.average_window,
                                         decay=p.average_decay, every=every)
 
-  def pruner(self, method: str, *, schedule=None, seed: int = 0) -> ep.Pruner:
+  def pruner(self, method: str, *, schedule=None, seed: int = 0, allocation=None) -> ep.Pruner:
     p = self.config.prune
-    allocation = "global" if method == "global_magnitude" else p.allocation
+    if allocation is None:
+      allocation = "global" if method == "global_magnitude" else p.allocation
     return ep.Pruner(importance=TOPK_METHODS.get(method, "wbar"), average=self.average(),
                      schedule=schedule, allocation=allocation, granularity=p.granularity,
                      seed=seed)
@@ -182,6 +188,30 @@ def _restrict(tree: Any, template: Any) -> Any:
                       is_leaf=lambda x: x is None)
 
 
+def evolutionary_allocation(ctx: Context, dense: training.TrainState, seed: int,
+                            target: float, on_result: Callable | None = None) -> Callable:
+  """The searched per-layer allocation (`config.search`) for the trained `dense` model.
+
+  Fitness is measured on the first `config.search.fitness_examples` VALIDATION examples;
+  the search starts from `config.search.seed_allocations` and its key depends on the seed
+  and the target only.
+  """
+  s = ctx.config.search
+  n = min(s.fitness_examples, len(ctx.dataset.val.y))
+  batch_stats = dense.batch_stats
+
+  def apply_fn(params, x):
+    return training.apply_model(ctx.model, params, batch_stats, x, train=False)[0]
+
+  return ep.search.evolutionary_allocation(
+      apply_fn, dense.params, ctx.dataset.val.x[:n], ctx.dataset.val.y[:n],
+      key=jax.random.fold_in(jax.random.key(seed), int(round(target * 1e6))),
+      strategy=s.strategy, population_size=s.population_size, generations=s.generations,
+      metric=s.metric, lower=s.lower, upper=s.upper,
+      seeds=tuple(ep.allocation.get(name) for name in s.seed_allocations),
+      evaluation=s.evaluation, on_result=on_result)
+
+
 def prune_once(ctx: Context, method: str, target: float, dense: training.TrainState, seed: int,
                previous: Any = None) -> Any:
   """Masks for `method` at `target` from a trained state (one-shot).
@@ -193,7 +223,9 @@ def prune_once(ctx: Context, method: str, target: float, dense: training.TrainSt
   importance_state = dense.opt_state.importance
   if method in TOPK_METHODS:
     grads = gradient_batch(ctx, dense) if method in ("saliency", "taylor") else None
-    return ctx.pruner(method, seed=seed).instant(
+    allocation = (evolutionary_allocation(ctx, dense, seed, target)
+                  if p.allocation == "evolutionary" and method != "global_magnitude" else None)
+    return ctx.pruner(method, seed=seed, allocation=allocation).instant(
         dense.params, target, grads=grads, importance_state=importance_state)
   template = ep.masks.init(dense.params)
   weights = _restrict(dense.params, template)
@@ -292,7 +324,7 @@ def measure(ctx: Context, state: training.TrainState, masks: Any) -> dict[str, A
   return result
 
 
-def _cached(path: pathlib.Path, compute: Callable[[], dict]) -> dict:
+def cached(path: pathlib.Path, compute: Callable[[], dict]) -> dict:
   """Returns the stored result of a finished stage, or computes and stores it atomically."""
   if path.exists():
     return json.loads(path.read_text(encoding="utf-8"))
@@ -307,9 +339,8 @@ def _cached(path: pathlib.Path, compute: Callable[[], dict]) -> dict:
 # ------------------------------------------------------------------------------ the run
 
 
-def run(config: ml_collections.ConfigDict, workdir: str | pathlib.Path) -> dict:
-  """Runs the whole experiment; returns (and writes) `summary.json`'s content."""
-  validate(config)
+def setup(config: ml_collections.ConfigDict, workdir: str | pathlib.Path) -> Context:
+  """Creates the workdir (with config.json), loads the data and builds the model."""
   workdir = pathlib.Path(workdir)
   workdir.mkdir(parents=True, exist_ok=True)
   training.write_json_atomic(workdir / "config.json", json.loads(config.to_json_best_effort()))
@@ -317,8 +348,15 @@ def run(config: ml_collections.ConfigDict, workdir: str | pathlib.Path) -> dict:
                          val_size=config.data.val_size, seed=config.data.split_seed)
   model = ep.models.create(config.model.name, num_classes=dataset.num_classes,
                            **config.model.kwargs.to_dict())
-  ctx = Context(config, dataset, model, workdir,
-                ep.data.steps_per_epoch(dataset.train, config.train.batch_size))
+  return Context(config, dataset, model, workdir,
+                 ep.data.steps_per_epoch(dataset.train, config.train.batch_size))
+
+
+def run(config: ml_collections.ConfigDict, workdir: str | pathlib.Path) -> dict:
+  """Runs the whole experiment; returns (and writes) `summary.json`'s content."""
+  validate(config)
+  ctx = setup(config, workdir)
+  workdir = ctx.workdir
   rows: dict[tuple[str, float], list[dict]] = {}
   for seed in config.seeds:
     results_dir = workdir / "results" / f"seed{seed}"
@@ -330,9 +368,9 @@ def run(config: ml_collections.ConfigDict, workdir: str | pathlib.Path) -> dict:
       return dense[0]
 
     rows.setdefault(("dense", 0.0), []).append(
-        _cached(results_dir / "dense.json", lambda: measure(ctx, dense_state(), None)))
+        cached(results_dir / "dense.json", lambda: measure(ctx, dense_state(), None)))
     for method in config.prune.methods:
-      for target in _targets(config):
+      for target in targets(config):
         stage = f"seed{seed}/{method}@{target:g}"
 
         def compute(method=method, target=target, stage=stage):
@@ -350,7 +388,7 @@ def run(config: ml_collections.ConfigDict, workdir: str | pathlib.Path) -> dict:
           return result
 
         rows.setdefault((method, target), []).append(
-            _cached(results_dir / f"{method}@{target:g}.json", compute))
+            cached(results_dir / f"{method}@{target:g}.json", compute))
   summary = summarize(config, rows)
   training.write_json_atomic(workdir / "summary.json", summary)
   (workdir / "report.md").write_text(format_report(summary), encoding="utf-8")

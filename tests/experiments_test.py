@@ -10,6 +10,7 @@ import tempfile
 from absl.testing import absltest
 from absl.testing import parameterized
 
+from experiments import allocation_study
 from experiments import pipeline
 from experiments.configs import default
 from experiments.configs import test as test_config
@@ -98,6 +99,45 @@ class ExperimentsTest(parameterized.TestCase):
       if r["method"] != "dense":
         for value in r["sparsity"]["per_layer"].values():
           self.assertAlmostEqual(value, r["target_sparsity"], delta=0.01)
+
+  def test_allocation_study(self):
+    config = test_config.get_config()
+    config.study = "allocation"
+    config.seeds = (0,)
+    config.train.epochs = 3
+    config.finetune.epochs = 1
+    config.prune.target_sparsity = (0.9,)
+    config.search.population_size = 6
+    config.search.generations = 3
+    config.search.fitness_examples = 10_000  # the whole validation split
+    with tempfile.TemporaryDirectory() as workdir:
+      summary = allocation_study.run(config, workdir)
+      files = {p.name for p in pathlib.Path(workdir).iterdir()}
+    self.assertTrue({"summary.json", "search_history.json", "search_fitness.png",
+                     "per_layer_allocation.png", "report.md"} <= files, files)
+    rows = {r["method"]: r for r in summary["results"]}
+    names = ("uniform", "global", "erk", "evolutionary")
+    self.assertEqual(set(rows), {"dense", *(f"alloc:{n}" for n in names),
+                                 *(f"alloc:{n}+ft" for n in names)})
+    for n in names:
+      self.assertAlmostEqual(rows[f"alloc:{n}"]["sparsity"]["global"], 0.9, delta=0.002)
+    # Elitist and seeded with the others, on the validation split it cannot do worse.
+    best_heuristic = max(rows[f"alloc:{n}"]["val_accuracy"]["mean"] for n in names[:3])
+    self.assertGreaterEqual(rows["alloc:evolutionary"]["val_accuracy"]["mean"], best_heuristic)
+
+  def test_evolutionary_allocation_in_the_pipeline(self):
+    config = test_config.get_config()
+    config.seeds = (0,)
+    config.train.epochs = 2
+    config.finetune.epochs = 1
+    config.prune.methods = ("evolution",)
+    config.prune.allocation = "evolutionary"
+    config.search.population_size = 4
+    config.search.generations = 2
+    with tempfile.TemporaryDirectory() as workdir:
+      summary = pipeline.run(config, workdir)
+    row = [r for r in summary["results"] if r["method"] == "evolution"][0]
+    self.assertAlmostEqual(row["sparsity"]["global"], 0.9, delta=0.002)
 
   def test_configs_validate(self):
     for config in (default.get_config(), test_config.get_config()):
