@@ -1,0 +1,220 @@
+"""Tests for evoprune.ops: values and gradients against lax.conv_general_dilated / max pool."""
+
+import os
+from unittest import mock
+
+from absl.testing import absltest
+from absl.testing import parameterized
+import flax.linen as nn
+import jax
+from jax import lax
+import jax.numpy as jnp
+import numpy as np
+
+from evoprune import ops
+from evoprune.models import layers
+
+_NHWC = ("NHWC", "HWIO", "NHWC")
+
+
+def _random(shape, seed):
+  return jnp.asarray(np.random.default_rng(seed).normal(size=shape), jnp.float32)
+
+
+def _reference_conv(x, kernel, strides, padding, groups):
+  return lax.conv_general_dilated(x, kernel, strides, padding, dimension_numbers=_NHWC,
+                                  feature_group_count=groups)
+
+
+def _assert_close(test, actual, expected, rtol=2e-6):
+  scale = float(jnp.max(jnp.abs(expected))) or 1.0
+  test.assertEqual(actual.shape, expected.shape)
+  test.assertLess(float(jnp.max(jnp.abs(actual - expected))), rtol * 10 * scale)
+
+
+def _value_and_vjp(fn, *args):
+  y, vjp = jax.vjp(fn, *args)
+  return y, vjp(_random(y.shape, 99))
+
+
+# (name, x shape, kernel shape, strides, padding, groups)
+_CONVS = (
+    ("rgb_valid_5x5", (3, 9, 9, 3), (5, 5, 3, 6), (1, 1), "VALID", 1),
+    ("rgb_same_3x3", (2, 8, 8, 3), (3, 3, 3, 4), (1, 1), "SAME", 1),
+    ("dense_valid", (2, 7, 7, 5), (3, 3, 5, 4), (1, 1), "VALID", 1),
+    ("dense_stride2_pad1", (2, 9, 9, 4), (3, 3, 4, 6), (2, 2), ((1, 1), (1, 1)), 1),
+    ("dense_asymmetric_pad", (2, 6, 7, 4), (3, 2, 4, 3), (1, 2), ((0, 2), (1, 0)), 1),
+    ("pointwise", (2, 5, 5, 6), (1, 1, 6, 7), (1, 1), "VALID", 1),
+    ("pointwise_stride2", (2, 5, 5, 6), (1, 1, 6, 7), (2, 2), "VALID", 1),
+    ("depthwise", (2, 6, 6, 5), (3, 3, 1, 5), (1, 1), ((1, 1), (1, 1)), 5),
+    ("depthwise_stride2", (2, 7, 7, 4), (3, 3, 1, 4), (2, 2), ((1, 1), (1, 1)), 4),
+    ("depthwise_5x5_valid", (2, 8, 8, 3), (5, 5, 1, 3), (1, 1), "VALID", 3),
+)
+
+
+class ConvTest(parameterized.TestCase):
+
+  @parameterized.named_parameters(*_CONVS)
+  def test_value_and_gradients_match_lax(self, x_shape, k_shape, strides, padding, groups):
+    x, kernel = _random(x_shape, 0), _random(k_shape, 1)
+    expected, (dx_ref, dk_ref) = _value_and_vjp(
+        lambda x, k: _reference_conv(x, k, strides, padding, groups), x, kernel)
+    for impl in ("cpu", "auto"):
+      with self.subTest(impl):
+        conv = jax.jit(lambda x, k, impl=impl: ops.conv(
+            x, k, strides, padding, feature_group_count=groups, impl=impl))
+        y, (dx, dk) = _value_and_vjp(conv, x, kernel)
+        _assert_close(self, y, expected)
+        _assert_close(self, dx, dx_ref)
+        _assert_close(self, dk, dk_ref)
+
+  @parameterized.named_parameters(*(_CONVS[i] for i in (0, 3, 6, 8)))
+  def test_batch_chunks_give_the_same_gradients(self, x_shape, k_shape, strides, padding,
+                                                groups):
+    # One example per chunk: the scanned weight gradients and the mapped forward.
+    x, kernel = _random(x_shape, 2), _random(k_shape, 3)
+    fn = lambda x, k: ops.conv(x, k, strides, padding, feature_group_count=groups, impl="cpu")
+    grads = lambda x, k: _value_and_vjp(fn, x, k)
+    whole = jax.jit(grads)(x, kernel)
+    with mock.patch.object(ops, "_CHUNK_BYTES", 1):
+      self.assertEqual(ops._chunks(x_shape[0], 100), x_shape[0])  # pylint: disable=protected-access
+      chunked = jax.jit(grads)(x, kernel)
+    for a, b in zip(jax.tree.leaves(chunked), jax.tree.leaves(whole)):
+      _assert_close(self, a, b)
+
+  def test_chunks_divide_the_batch(self):
+    with mock.patch.object(ops, "_CHUNK_BYTES", 1000):
+      self.assertEqual(ops._chunks(12, 300), 4)  # 3 per chunk  # pylint: disable=protected-access
+      self.assertEqual(ops._chunks(10, 300), 5)  # 3 does not divide 10: 2 per chunk  # pylint: disable=protected-access
+      self.assertEqual(ops._chunks(7, 5000), 7)  # pylint: disable=protected-access
+      self.assertEqual(ops._chunks(7, 10), 1)  # pylint: disable=protected-access
+
+  def test_vmap_over_a_seed_axis(self):
+    x, kernel = _random((3, 2, 6, 6, 4), 4), _random((3, 3, 3, 4, 5), 5)
+    conv = lambda x, k: ops.conv(x, k, padding="SAME", impl="cpu")
+    loss = lambda x, k: jnp.sum(jnp.sin(jax.vmap(conv)(x, k)))
+    ref = lambda x, k: jnp.sum(jnp.sin(jax.vmap(
+        lambda x, k: _reference_conv(x, k, (1, 1), "SAME", 1))(x, k)))
+    for a, b in zip(jax.grad(loss, (0, 1))(x, kernel), jax.grad(ref, (0, 1))(x, kernel)):
+      _assert_close(self, a, b)
+
+  def test_drop_in_passes_unsupported_convolutions_to_lax(self):
+    x, kernel = _random((2, 7, 7, 4), 6), _random((3, 3, 2, 6), 7)
+    cases = (
+        dict(feature_group_count=2),  # grouped, not depthwise
+        dict(rhs_dilation=(2, 2)),
+        dict(lhs_dilation=(2, 1)),
+    )
+    for kwargs in cases:
+      with self.subTest(str(kwargs)):
+        k = kernel if "feature_group_count" in kwargs else _random((3, 3, 4, 6), 8)
+        args = (x, k, (1, 1), ((1, 1), (1, 1)))
+        fn = lambda x, k, kw=kwargs: ops.conv_general_dilated(
+            x, k, (1, 1), ((1, 1), (1, 1)), dimension_numbers=_NHWC, **kw)
+        self.assertNotIn("platform_index", str(jax.make_jaxpr(fn)(x, k)))
+        _assert_close(self, fn(x, k),
+                      lax.conv_general_dilated(*args, dimension_numbers=_NHWC, **kwargs))
+
+  def test_drop_in_handles_nchw_by_passing_through(self):
+    x, kernel = _random((2, 4, 7, 7), 9), _random((6, 4, 3, 3), 10)
+    dn = ("NCHW", "OIHW", "NCHW")
+    fn = lambda x, k: ops.conv_general_dilated(x, k, (1, 1), "VALID", dimension_numbers=dn)
+    self.assertNotIn("platform_index", str(jax.make_jaxpr(fn)(x, kernel)))
+    _assert_close(self, fn(x, kernel),
+                  lax.conv_general_dilated(x, kernel, (1, 1), "VALID", dimension_numbers=dn))
+
+  def test_auto_stages_both_versions_and_xla_only_one(self):
+    x, kernel = _random((2, 6, 6, 4), 11), _random((3, 3, 4, 4), 12)
+    auto = str(jax.make_jaxpr(lambda x, k: ops.conv(x, k))(x, kernel))
+    self.assertIn("platform_index", auto)
+    self.assertIn("custom_vjp_call", auto)
+    plain = str(jax.make_jaxpr(lambda x, k: ops.conv(x, k, impl="xla"))(x, kernel))
+    self.assertNotIn("platform_index", plain)
+    with mock.patch.dict(os.environ, {"EVOPRUNE_OPS": "xla"}):
+      env = str(jax.make_jaxpr(lambda x, k: ops.conv(x, k))(x, kernel))
+    self.assertNotIn("platform_index", env)
+    self.assertIn("conv_general_dilated", env)
+
+  def test_bad_arguments(self):
+    x = jnp.zeros((1, 4, 4, 4))
+    with self.assertRaisesRegex(ValueError, "impl='gpu'"):
+      ops.conv(x, jnp.zeros((3, 3, 4, 4)), impl="gpu")
+    with self.assertRaisesRegex(ValueError, "feature_group_count=2"):
+      ops.conv(x, jnp.zeros((3, 3, 2, 4)), feature_group_count=2)
+    with self.assertRaisesRegex(ValueError, "impl="):
+      ops.max_pool(x, impl="")
+
+  def test_describe_names_the_backend_choice(self):
+    self.assertTrue(ops.describe("cpu").startswith("cpu"))
+    self.assertTrue(ops.describe("gpu").startswith("xla"))
+
+
+class ConvModuleTest(absltest.TestCase):
+
+  def test_layers_conv_is_flax_conv_with_the_same_params(self):
+    x = _random((2, 8, 8, 3), 13)
+    for kwargs in (dict(features=4, kernel_size=(3, 3)),
+                   dict(features=3, kernel_size=(3, 3), strides=2, feature_group_count=3,
+                        padding=((1, 1), (1, 1)))):
+      ours, theirs = layers.Conv(**kwargs), nn.Conv(**kwargs)
+      self.assertIsInstance(ours, nn.Conv)
+      variables = jax.jit(theirs.init)(jax.random.key(0), x)
+      ours_variables = jax.jit(ours.init)(jax.random.key(0), x)
+      self.assertEqual(jax.tree.map(jnp.shape, ours_variables),
+                       jax.tree.map(jnp.shape, variables))
+      np.testing.assert_array_equal(ours_variables["params"]["kernel"],
+                                    variables["params"]["kernel"])
+      _assert_close(self, jax.jit(ours.apply)(variables, x), jax.jit(theirs.apply)(variables, x))
+
+  def test_automatic_names_are_unchanged(self):
+
+    class Two(nn.Module):
+      @nn.compact
+      def __call__(self, x):
+        return layers.Conv(2, (3, 3))(layers.Conv(2, (3, 3))(x))
+
+    params = jax.eval_shape(Two().init, jax.random.key(0), jnp.zeros((1, 6, 6, 1)))["params"]
+    self.assertEqual(sorted(params), ["Conv_0", "Conv_1"])
+
+
+class MaxPoolTest(parameterized.TestCase):
+
+  @parameterized.named_parameters(
+      ("even", (2, 8, 6, 3), (2, 2)),
+      ("odd_sizes_drop_the_remainder", (2, 7, 9, 3), (2, 2)),
+      ("rectangular_window", (1, 6, 9, 2), (2, 3)),
+      ("window_3", (1, 9, 9, 2), (3, 3)),
+  )
+  def test_value_and_gradient_match_flax(self, shape, window):
+    # Integer values: many ties inside windows, which must be broken as XLA does.
+    x = jnp.asarray(np.random.default_rng(0).integers(0, 3, size=shape), jnp.float32)
+    expected, (dx_ref,) = _value_and_vjp(lambda x: nn.max_pool(x, window, window), x)
+    for impl in ("cpu", "auto"):
+      with self.subTest(impl):
+        y, (dx,) = _value_and_vjp(jax.jit(lambda x, impl=impl: ops.max_pool(
+            x, window, window, impl=impl)), x)
+        np.testing.assert_array_equal(y, expected)
+        np.testing.assert_array_equal(dx, dx_ref)
+
+  def test_ties_go_to_the_first_maximum(self):
+    x = jnp.asarray([[1.0, 1.0], [1.0, 0.0]]).reshape(1, 2, 2, 1)
+    dx = jax.grad(lambda x: ops.max_pool(x, (2, 2), (2, 2), impl="cpu").sum())(x)
+    np.testing.assert_array_equal(dx.reshape(2, 2), [[1.0, 0.0], [0.0, 0.0]])
+
+  @parameterized.named_parameters(
+      ("overlapping", (3, 3), (2, 2), "VALID"),
+      ("same_padding", (2, 2), (2, 2), "SAME"),
+      ("default_strides", (2, 2), None, "VALID"),
+  )
+  def test_other_pools_use_reduce_window(self, window, strides, padding):
+    x = _random((2, 7, 7, 3), 14)
+    fn = lambda x: ops.max_pool(x, window, strides, padding)
+    self.assertNotIn("platform_index", str(jax.make_jaxpr(fn)(x)))
+    expected, (dx_ref,) = _value_and_vjp(lambda x: nn.max_pool(x, window, strides, padding), x)
+    y, (dx,) = _value_and_vjp(fn, x)
+    np.testing.assert_array_equal(y, expected)
+    np.testing.assert_array_equal(dx, dx_ref)
+
+
+if __name__ == "__main__":
+  absltest.main()
