@@ -20,6 +20,11 @@ JSON: {"<model>": {"dense_macs", "dense_ms", "batch",
                    "unstructured" | "structured": {"<ratio>": {"macs", "macs_ratio",
                                                    "latency_ms", "speedup"}}}}
 (`macs_ratio` = macs / dense_macs; `speedup` = dense_ms / latency_ms). MACs are per example.
+
+Measured (shared 2-core CPU): unstructured latency stays at 1.0x at every ratio; the shrunk
+thesis CNN runs 2.9x / 3.7x / 6.6x faster at 0.5 / 0.7 / 0.9, ResNet-20 1.8x / 1.7x /
+4.5x. At 0.1-0.3 exact ratios leave odd widths (29, 58, ...) that XLA:CPU runs slower
+than the dense widths (down to 0.7x); `--multiple_of=16` gives the thesis CNN 2.8x at 0.3.
 """
 
 import json
