@@ -10,8 +10,8 @@ __version__ = "0.1.0"
 
 _SUBMODULES = (
     "allocation", "cost", "criteria", "data", "distillation", "importance", "masks",
-    "models", "pruner", "quantization", "robustness", "schedules", "search", "surgery",
-    "training", "types",
+    "models", "ops", "parallel", "pruner", "quantization", "schedules", "search", "sparse",
+    "storage", "surgery", "training", "types", "weight_sharing",
 )
 # Public names that live in a submodule: name -> module.
 _ATTRIBUTES = {"Pruner": "pruner"}
