@@ -211,14 +211,13 @@ def _quantized_primitive(primitive: Callable, kernel_codes: jax.Array | None,
     del precision, preferred_element_type  # the accumulation type is ours to choose
     codes = rhs if kernel_codes is None else kernel_codes
     if input_scale is None:  # weight-only: float activations times dequantized codes
-      out = primitive(lhs, codes.astype(lhs.dtype), *args, **kwargs)
-      return out * kernel_scale
+      return primitive(lhs, codes.astype(lhs.dtype) * kernel_scale, *args, **kwargs)
     if integer:
       x = _codes(lhs, input_scale, act_bits).astype(jnp.int8)
       acc = primitive(x, codes, *args, preferred_element_type=jnp.int32, **kwargs)
     else:
       x = fake_codes(lhs, input_scale, act_bits)
-      acc = primitive(x, codes, *args, preferred_element_type=jnp.float32, **kwargs)
+      acc = primitive(x, codes, *args, **kwargs)
     return acc.astype(jnp.float32) * (input_scale * kernel_scale)
 
   return call
@@ -321,23 +320,13 @@ class QuantizedModel:
 # --------------------------------------------------------------------------- calibration
 
 
-def calibrate(model: nn.Module, params: Params, x: jax.Array,
-              config: QuantConfig = QuantConfig(), *, batch_stats: Any = None
-              ) -> dict[str, float]:
-  """Per-tensor activation clip values of the quantized layers on a calibration batch.
-
-  Args:
-    model: a linen model.
-    params: its float params.
-    x: [N, ...] calibration inputs (from the training split, never the test split).
-    config: `calibration` chooses max|x| ('minmax') or a percentile of |x|.
-    batch_stats: the model's batch-norm statistics, if any.
-
-  Returns:
-    {module path: clip value}, one entry per quantized layer in call order; a layer called
-    several times gets the largest value.
-  """
+@functools.lru_cache(maxsize=32)
+def _calibration_program(model: nn.Module, config: QuantConfig
+                         ) -> tuple[Callable, list[str]]:
+  """A compiled pass returning the statistic of every quantized layer's input, and the
+  layers' paths (filled in when the program is first traced)."""
   paths: list[str] = []
+  stats: list[jax.Array] = []
 
   def record(next_fun, args, kwargs, context):
     if _quantizable(context, config):
@@ -355,9 +344,30 @@ def calibrate(model: nn.Module, params: Params, x: jax.Array,
       model.apply(variables, x, train=False)
     return list(stats)
 
-  # One compiled pass: the interceptor collects the statistics as traced values.
-  stats: list[jax.Array] = []
-  values = jax.jit(run)(params, batch_stats, jnp.asarray(x))
+  return jax.jit(run), paths
+
+
+def calibrate(model: nn.Module, params: Params, x: jax.Array,
+              config: QuantConfig = QuantConfig(), *, batch_stats: Any = None
+              ) -> dict[str, float]:
+  """Per-tensor activation clip values of the quantized layers on a calibration batch.
+
+  Args:
+    model: a linen model.
+    params: its float params.
+    x: [N, ...] calibration inputs (from the training split, never the test split).
+    config: `calibration` chooses max|x| ('minmax') or a percentile of |x|.
+    batch_stats: the model's batch-norm statistics, if any.
+
+  Returns:
+    {module path: clip value}, one entry per quantized layer in call order; a layer called
+    several times gets the largest value.
+  """
+  try:
+    run, paths = _calibration_program(model, config)
+  except TypeError:  # an unhashable model (e.g. a list attribute): build it uncached
+    run, paths = _calibration_program.__wrapped__(model, config)
+  values = run(params, batch_stats, jnp.asarray(x))
   ranges: dict[str, float] = {}
   for path, value in zip(paths, values):
     ranges[path] = max(ranges.get(path, 0.0), float(value))

@@ -3,8 +3,11 @@
     nbytes = ep.storage.save("model.npz", qparams, sparse="auto", metadata={"model": "lenet5"})
     params, metadata = ep.storage.load("model.npz")   # identical arrays, identical predictions
 
-The file is an uncompressed NumPy zip (`np.savez`): every member is a plain numeric array
-and the metadata is a UTF-8 JSON string stored as a uint8 array, so loading never unpickles
+The file is an uncompressed NumPy zip (`np.savez`) of two plain uint8 arrays: `data`, the
+encoded parts of every leaf back to back, and `metadata`, a UTF-8 JSON string (format name,
+version, and for every leaf its path, shape, dtype, encoding, and each part's dtype, shape
+and offset in `data`). One blob rather than one zip member per part saves ~235 bytes of
+headers per part, which is 15% of a sparse int8 thesis CNN. Loading never unpickles
 (`np.load(..., allow_pickle=False)`). Sizes reported by the library are these files' sizes.
 
 Encodings, per leaf (recorded in the metadata, which carries a format name and version):
@@ -35,6 +38,7 @@ FORMAT = "evoprune.compressed"
 VERSION = 1
 SPARSE_FORMATS = ("none", "bitmask", "csr", "auto")
 _METADATA = "metadata"
+_DATA = "data"
 
 
 # ------------------------------------------------------------------------------ trees
@@ -138,22 +142,17 @@ def _decode(members: Mapping[str, np.ndarray], entry: Mapping[str, Any]) -> np.n
   return out.reshape(shape)
 
 
-def _written_size(members: Mapping[str, np.ndarray]) -> int:
-  """Bytes the members take in the archive, headers included (~235 bytes per member)."""
-  buffer = io.BytesIO()
-  np.savez(buffer, **members)
-  return buffer.getbuffer().nbytes
+def _nbytes(members: Mapping[str, np.ndarray]) -> int:
+  return sum(m.nbytes for m in members.values())
 
 
-def _choose(array: np.ndarray, sparse: str, index: int
-            ) -> tuple[str, dict[str, np.ndarray], dict]:
+def _choose(array: np.ndarray, sparse: str) -> tuple[str, dict[str, np.ndarray], dict]:
   if sparse == "none" or array.ndim < 2:
     return ("dense", *_encode(array, "dense"))
   if sparse != "auto":
     return (sparse, *_encode(array, sparse))
   options = [(name, *_encode(array, name)) for name in ("dense", "bitmask", "csr")]
-  return min(options, key=lambda option: _written_size(
-      {f"{index}.{part}": member for part, member in option[1].items()}))
+  return min(options, key=lambda option: _nbytes(option[1]))
 
 
 # -------------------------------------------------------------------------- save, load
@@ -168,19 +167,36 @@ def _archive(params: Params, sparse: str, metadata: Mapping[str, Any] | None
   except TypeError as e:
     raise ValueError(f"metadata must be JSON-serialisable (plain dicts, lists, numbers, "
                      f"strings): {e}") from e
-  arrays: dict[str, np.ndarray] = {}
+  chunks: list[bytes] = []
+  offset = 0
   leaves = []
-  for index, (path, array) in enumerate(_flatten(params)):
+  for path, array in _flatten(params):
     if array.dtype.kind not in "biuf":
       raise ValueError(f"leaf {path!r} has dtype {array.dtype}; only bool, integer and float "
                        "arrays are stored.")
-    encoding, members, info = _choose(array, sparse, index)
-    leaves.append({"path": path, "shape": list(array.shape), "encoding": encoding, **info})
+    encoding, members, info = _choose(array, sparse)
+    parts = {}
     for part, member in members.items():
-      arrays[f"{index}.{part}"] = member
+      member = np.ascontiguousarray(member)
+      parts[part] = {"dtype": member.dtype.str, "shape": list(member.shape), "offset": offset}
+      chunks.append(member.tobytes())
+      offset += member.nbytes
+    leaves.append({"path": path, "shape": list(array.shape), "encoding": encoding,
+                   "parts": parts, **info})
   header = {"format": FORMAT, "version": VERSION, "leaves": leaves, "metadata": user}
-  arrays[_METADATA] = np.frombuffer(json.dumps(header).encode("utf-8"), np.uint8)
-  return arrays
+  return {_DATA: np.frombuffer(b"".join(chunks), np.uint8),
+          _METADATA: np.frombuffer(json.dumps(header).encode("utf-8"), np.uint8)}
+
+
+def _parts(data: np.ndarray, entry: Mapping[str, Any]) -> dict[str, np.ndarray]:
+  out = {}
+  for name, part in entry["parts"].items():
+    dtype = np.dtype(part["dtype"])
+    count = math.prod(part["shape"])
+    start = part["offset"]
+    out[name] = np.frombuffer(data[start:start + count * dtype.itemsize].tobytes(),
+                              dtype).reshape(part["shape"])
+  return out
 
 
 def save(path: str | os.PathLike, params: Params, *, sparse: str = "none",
@@ -217,6 +233,22 @@ def size(params: Params, *, sparse: str = "none",
   return buffer.getbuffer().nbytes
 
 
+def _read(path: str | os.PathLike) -> tuple[dict[str, Any], np.ndarray]:
+  with np.load(path, allow_pickle=False) as archive:
+    if _METADATA not in archive.files or _DATA not in archive.files:
+      raise ValueError(f"{os.fspath(path)!r} has no evoprune metadata; write it with "
+                       "evoprune.storage.save.")
+    header = json.loads(archive[_METADATA].tobytes().decode("utf-8"))
+    data = archive[_DATA]
+  if header.get("format") != FORMAT:
+    raise ValueError(f"{os.fspath(path)!r} has format {header.get('format')!r}, not "
+                     f"{FORMAT!r}.")
+  if header.get("version", 0) > VERSION:
+    raise ValueError(f"{os.fspath(path)!r} is format version {header['version']}; this "
+                     f"evoprune reads up to version {VERSION}: upgrade evoprune.")
+  return header, data
+
+
 def load(path: str | os.PathLike) -> tuple[dict[str, Any], dict[str, Any]]:
   """Reads a file written by `save`.
 
@@ -231,21 +263,19 @@ def load(path: str | os.PathLike) -> tuple[dict[str, Any], dict[str, Any]]:
     ValueError: the file is not an evoprune compressed model, or was written by a newer
       format version.
   """
-  with np.load(path, allow_pickle=False) as archive:
-    if _METADATA not in archive.files:
-      raise ValueError(f"{os.fspath(path)!r} has no evoprune metadata; write it with "
-                       "evoprune.storage.save.")
-    header = json.loads(archive[_METADATA].tobytes().decode("utf-8"))
-    if header.get("format") != FORMAT:
-      raise ValueError(f"{os.fspath(path)!r} has format {header.get('format')!r}, not "
-                       f"{FORMAT!r}.")
-    if header.get("version", 0) > VERSION:
-      raise ValueError(f"{os.fspath(path)!r} is format version {header['version']}; this "
-                       f"evoprune reads up to version {VERSION}: upgrade evoprune.")
-    items = []
-    for index, entry in enumerate(header["leaves"]):
-      prefix = f"{index}."
-      members = {name[len(prefix):]: archive[name] for name in archive.files
-                 if name.startswith(prefix)}
-      items.append((entry["path"], _decode(members, entry)))
+  header, data = _read(path)
+  items = [(entry["path"], _decode(_parts(data, entry), entry)) for entry in header["leaves"]]
   return _unflatten(items), header["metadata"]
+
+
+def inspect(path: str | os.PathLike) -> list[dict[str, Any]]:
+  """How each leaf of a saved file is stored (for reports and debugging).
+
+  Returns:
+    One dict per leaf: 'path', 'shape', 'encoding' ('dense', 'bitmask' or 'csr'),
+    'values' (dtype, count and, when bit-packed, 'bits' and 'offset') and 'parts'
+    {name: the stored array} ('values', and 'bitmask' or 'indptr' and 'indices').
+  """
+  header, data = _read(path)
+  return [{**{k: v for k, v in entry.items() if k != "parts"}, "parts": _parts(data, entry)}
+          for entry in header["leaves"]]

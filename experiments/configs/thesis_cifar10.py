@@ -1,0 +1,112 @@
+r"""The thesis seed: the TensorFlow-tutorial CNN on CIFAR-10, pruned, quantized, both.
+
+Rows (see experiments/compression_study.py): the dense baseline; magnitude pruning while
+fine-tuning the trained baseline under TF-MOT's constant sparsity and polynomial decay at
+0.5 and 0.8; PTQ (int8 weights per channel, int8 activations per tensor, min-max on 1,000
+training images; and 4-bit weights); QAT (1 epoch of fake-quant fine-tuning); QAT then PTQ
+(int8); and the combinations with polynomial decay at 0.8 (+PTQ, +QAT+PTQ, and 4-bit
+k-means weight sharing with fine-tuned codebooks). Each row reports test accuracy (mean ±
+std over seeds), the size of its file on disk and its latency relative to the dense model.
+
+Launch:
+  python -m experiments.main --config=experiments/configs/thesis_cifar10.py \
+      --config.data.dir=../shared/data --workdir=runs/thesis_cifar10
+
+Expected runtime: about 40 minutes on a 2-core CPU (2 seeds x [8 dense epochs + 4 x 2
+pruning fine-tune epochs + 2 QAT epochs + 1 codebook epoch] at ~0.1 s per step of 128
+images when the machine is otherwise idle; more under load).
+Expected result (thesis shape): dense test accuracy about 0.70; polynomial decay at 0.8
+close to the baseline; PTQ/QAT within about a point of it; QAT+PTQ at 0.26x the dense file
+(int8) and polynomial decay 0.8 + QAT + PTQ under 0.10x. Latency does NOT halve here:
+XLA:CPU's int8 convolutions are slower than its fused float32 ones (see
+evoprune/quantization.py); the thesis measured TFLite int8 kernels.
+
+  --config=experiments/configs/thesis_cifar10.py:smoke runs every kind of row (polynomial
+  decay at 0.8 only) on 512 training and 256 evaluation images for one epoch per stage (the
+  test suite's end-to-end check).
+
+Fields beyond default.py (the lead declares them there): `config.quant`, `config.distill`,
+`config.share` and `config.compression` below.
+"""
+
+import ml_collections
+
+from experiments.configs import default
+
+
+def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
+  """The full study, or with arg 'smoke' a tiny one for the test suite."""
+  config = default.get_config()
+  config.study = "compression"  # experiments/main.py dispatches to compression_study.run
+  config.seeds = (0, 1)
+  config.data.name = "cifar10"
+  config.data.val_size = 5000
+  config.model.name = "thesis_cnn"
+  config.model.kwargs = ml_collections.ConfigDict()
+
+  config.train.epochs = 8
+  config.train.batch_size = 128
+  config.train.optimizer = "adam"  # the TensorFlow tutorial's optimizer
+  config.train.learning_rate = 1e-3
+  config.train.lr_schedule = "cosine"
+  config.train.checkpoint_every_epochs = 1
+  config.train.eval_every_epochs = 2
+
+  config.prune.methods = ("magnitude",)
+  config.prune.target_sparsity = (0.5, 0.8)
+  config.prune.begin_epoch = 0.0  # schedule window, as a fraction of the fine-tuning epochs
+  config.prune.end_epoch = 0.75
+  config.prune.frequency = 100  # TF-MOT's default mask-update frequency (steps)
+
+  config.finetune.epochs = 2  # pruning fine-tunes (TF-MOT's guide fine-tunes 2 epochs)
+  config.finetune.optimizer = "adam"
+  config.finetune.learning_rate = 5e-4
+  config.finetune.lr_schedule = "cosine"
+
+  config.quant = ml_collections.ConfigDict()
+  config.quant.weight_bits = 8
+  config.quant.act_bits = 8  # 0 = weight-only
+  config.quant.calibration = "minmax"  # minmax | percentile
+  config.quant.percentile = 99.99
+  config.quant.calibration_examples = 1000  # the first N training images
+  config.quant.ptq_weight_bits = (8, 4)  # one PTQ row each: 'ptq', 'ptq_w4'
+  config.quant.qat_epochs = 1
+  config.quant.qat_learning_rate = 1e-4
+
+  config.distill = ml_collections.ConfigDict()
+  config.distill.enabled = False  # fine-tune students against the dense model
+  config.distill.temperature = 4.0
+  config.distill.alpha = 0.9
+
+  config.share = ml_collections.ConfigDict()
+  config.share.bits = 4  # codebook of 2**bits entries (0 = no weight-sharing row)
+  config.share.iterations = 30
+  config.share.epochs = 1
+  config.share.learning_rate = 1e-4
+
+  config.compression = ml_collections.ConfigDict()
+  config.compression.schedules = ("constant", "polynomial_decay")
+  config.compression.combine = "polynomial_decay@0.8"  # '' = no combination rows
+  config.compression.train_examples = 0  # 0 = all
+  config.compression.eval_examples = 0  # val and test; 0 = all
+  config.compression.latency_batch = 256
+  config.compression.latency_rounds = 15
+
+  if arg == "smoke":
+    config.seeds = (0,)
+    config.train.epochs = 1
+    config.train.batch_size = 64
+    config.finetune.epochs = 1
+    config.prune.target_sparsity = (0.8,)
+    config.compression.schedules = ("polynomial_decay",)
+    config.prune.frequency = 2
+    config.quant.calibration_examples = 128
+    config.share.iterations = 5
+    config.compression.train_examples = 512
+    config.compression.eval_examples = 256
+    config.compression.latency_batch = 32
+    config.compression.latency_rounds = 1
+    config.progress = False
+  elif arg:
+    raise ValueError(f"thesis_cifar10 config arg {arg!r} is unknown; use ':smoke' or none.")
+  return config
