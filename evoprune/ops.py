@@ -9,24 +9,36 @@ program is lowered, so the compiler never sees a conditional. Values and gradien
 the plain ops' to float rounding (tests/ops_test.py).
 
 Why: on XLA:CPU (jax 0.10) the training step of a small CNN spent most of its time in a
-few pathological kernels, measured one core, batch 128 (ms, XLA op -> this module):
+few pathological kernels. Measured on one core of the 2-core machine, batch 128, ms, the
+plain XLA op -> this module:
 
-  depthwise 3x3, 32 ch, 32x32        forward 270 -> 4, input grad 250 -> 3, weight grad 150 -> 30
-  1x1 conv 32->64 at 32x32           weight gradient 175 -> 19 (a plain matmul)
-  3x3 conv 16->32 stride 2 at 32x32  weight gradient 30 -> 9
-  2x2 max pool backward              select-and-scatter (iota, concatenate, scatter) -> one fusion
+  depthwise 3x3, 32 ch at 32x32      forward 270 -> 4, input grad 250 -> 3, weight grad 150 -> 30
+  1x1 conv 32->64 at 32x32           weight gradient 175 -> 19
+  3x3 conv 3->32 (RGB) at 32x32      forward 27 -> 11, weight gradient 37 -> 12
+  3x3 conv 32->64 at 15x15           weight gradient 69 -> 28
+  2x2 max pool, 128x30x30x32         forward 3.1 -> 0.7, forward + backward 139 -> 11
+
+Whole train steps (same machine, one core, the same network in PyTorch 2.13 eager = 1):
+thesis CNN 2.6 -> 1.2-1.4, LeNet-5 2.8 -> 1.6-2.3, ResNet-20 2.0 -> 1.7, MobileNet
+5.8 -> 1.3 (see the README's performance section for the benchmark).
 
 The formulations:
-  - dense convolutions keep XLA's forward and input-gradient convolutions (fast: they go
-    to YNNPACK or Eigen) and compute the weight gradient as im2col matmuls accumulated
-    over small batch chunks with `lax.scan`, so each chunk's patch matrix stays in cache
-    (XLA's own weight-gradient convolution transposes both operands in memory first);
-  - 1x1 convolutions are matmuls in all three directions;
-  - depthwise convolutions are sums of kh*kw shifted, channel-scaled copies of the input
+  - dense k x k convolutions keep XLA's forward and input-gradient convolutions (they go
+    to YNNPACK or Eigen) and compute the weight gradient as im2col matmuls summed over
+    small batch chunks with `lax.scan`, each chunk's patch matrix built channel-major
+    (cheap block copies) while it stays in cache (XLA's own weight-gradient convolution
+    transposes both operands in memory first); inputs with fewer than 4 channels (RGB)
+    also run the forward pass as chunked im2col matmuls (Eigen's direct convolution
+    reaches a few GFLOP/s there);
+  - 1x1 convolutions are matmuls, the weight gradient again summed over batch chunks;
+  - depthwise convolutions are sums of kh*kw shifted, channel-scaled views of the input
     (one loop fusion), their weight gradient per-tap reductions over batch chunks;
-  - max pooling with window == strides and VALID padding is a reshape and a max; its
-    gradient goes to the first maximum of each window in row-major order, exactly as
-    XLA's select-and-scatter does, so ties are broken identically.
+  - max pooling with window == strides and VALID padding is an elementwise maximum of
+    the strided window views; its gradient goes to the first maximum of each window in
+    row-major order, exactly as XLA's select-and-scatter does, so ties are broken alike.
+
+Tried and dropped (slower in the whole step): col2im input gradients, im2col forward for
+all convolutions, padding channels so XLA picks YNNPACK, chunked XLA convolutions.
 
 `describe()` names the implementation `auto` uses on the default backend. Setting the
 environment variable `EVOPRUNE_OPS=xla` before tracing turns the CPU formulations off
@@ -65,9 +77,9 @@ def describe(backend: str | None = None) -> str:
   backend = backend or jax.default_backend()
   if backend != "cpu" or _check_impl("auto") == "xla":
     return "xla (lax.conv_general_dilated, reduce_window max pool)"
-  return ("cpu (conv: XLA forward and input grad, chunked im2col-matmul weight grad; 1x1 as "
-          "matmul; depthwise as shifted multiply-adds; max pool: reshape-max, first-max "
-          "grad)")
+  return ("cpu (conv: XLA forward/input grad, chunked im2col-matmul weight grad, im2col "
+          "forward for RGB; 1x1 as matmul; depthwise as shifted multiply-adds; max pool: "
+          "max of strided views, first-max grad)")
 
 
 # ------------------------------------------------------------------------------ pooling
@@ -81,7 +93,7 @@ def max_pool(x: jax.Array, window_shape: Sequence[int] = (2, 2),
   Args:
     x: [B, H, W, C] activations.
     window_shape: pooling window (wh, ww).
-    strides: window strides; default `window_shape`'s... as flax: (1, 1).
+    strides: window strides; default (1, 1), as in flax.
     padding: 'VALID', 'SAME' or ((lo, hi), (lo, hi)).
     impl: 'auto' (CPU formulation on CPU, `reduce_window` elsewhere), 'xla' or 'cpu'.
 

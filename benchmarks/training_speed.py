@@ -1,0 +1,244 @@
+r"""Train-step time of the zoo against the same network in PyTorch eager, side by side.
+
+  python -m benchmarks.training_speed [--out=training_speed.json] [--models=...] [--smoke]
+  taskset -c 1 python -m benchmarks.training_speed   # one core each (PyTorch follows affinity)
+
+For LeNet-300-100 (MNIST-shaped), LeNet-5, the thesis CNN, ResNet-20 and MobileNet v1
+(CIFAR-shaped), batch 128, SGD with momentum 0.9 and softmax cross-entropy: evoprune's own
+compiled train step (`evoprune.training.train_step` under `jax.jit`, buffers donated) and an
+equivalent PyTorch eager step (`zero_grad`, forward, `backward`, `step`; NCHW, the default
+thread count), measured in the same process in alternating blocks of steps, so both see the
+same load on a shared machine (see `measure`). Each figure is the median after warm-up;
+`jax_over_torch` is the ratio of the medians. PyTorch is optional (`pip install torch`);
+without it the comparison is skipped with a line saying so, and `torch_ms` and
+`jax_over_torch` are null.
+
+On a machine shared with other (niced) processes, prefer the one-core comparison: XLA's
+worker threads, which sleep between tasks, are woken on the core of the thread that woke
+them and then share it with that thread, while PyTorch's spinning OpenMP threads are
+spread over both cores; PyTorch's team of two in turn slows down by 10x and more whenever
+another process takes one of its cores. Ratios on two busy cores say more about the
+scheduler than about either framework.
+
+JSON: {"<model>": {"jax_ms", "torch_ms", "jax_over_torch", "impl"}} where `impl` says which
+convolution / pooling implementation evoprune used (see `evoprune.ops`).
+"""
+
+import functools
+import json
+import os
+import platform
+import time
+from typing import Any, Callable
+
+from absl import app
+from absl import flags
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+
+import evoprune as ep
+from evoprune import training
+
+_OUT = flags.DEFINE_string("out", "", "Write the results as JSON to this file.")
+_SMOKE = flags.DEFINE_bool("smoke", False, "Few repetitions (a quick check, not a measure).")
+_MODELS = flags.DEFINE_list(
+    "models", ["lenet300_100", "lenet5", "thesis_cnn", "resnet20", "mobilenet"],
+    "Models to measure.")
+_ROUNDS = flags.DEFINE_integer("rounds", 5, "Alternating rounds of 3 timed steps per framework.")
+
+INPUT_SHAPES = {"lenet300_100": (28, 28, 1), "lenet5": (32, 32, 3),
+                "thesis_cnn": (32, 32, 3), "resnet20": (32, 32, 3), "mobilenet": (32, 32, 3)}
+BATCH_SIZE = 128
+
+
+# ------------------------------------------------------------------------- PyTorch side
+
+
+def torch_model(name: str) -> Any:
+  """The zoo model `name` written in PyTorch (same layers, shapes and options)."""
+  import torch  # pylint: disable=g-import-not-at-top
+  from torch import nn  # pylint: disable=g-import-not-at-top
+
+  def conv_bn(c_in: int, c_out: int, k: int = 3, stride: int = 1, groups: int = 1,
+              relu: bool = True) -> nn.Module:
+    layers = [nn.Conv2d(c_in, c_out, k, stride, k // 2, groups=groups, bias=False),
+              nn.BatchNorm2d(c_out, momentum=0.1, eps=1e-5)]
+    return nn.Sequential(*layers, *([nn.ReLU()] if relu else []))
+
+  class BasicBlock(nn.Module):
+    """ResNet basic block with the option-A (subsample + zero-pad) shortcut."""
+
+    def __init__(self, c_in: int, c_out: int, stride: int):
+      super().__init__()
+      self.body = nn.Sequential(conv_bn(c_in, c_out, stride=stride),
+                                conv_bn(c_out, c_out, relu=False))
+      self.stride, self.extra = stride, c_out - c_in
+
+    def forward(self, x):
+      shortcut = x[:, :, ::self.stride, ::self.stride] if self.stride != 1 else x
+      if self.extra:
+        shortcut = nn.functional.pad(
+            shortcut, (0, 0, 0, 0, self.extra // 2, self.extra - self.extra // 2))
+      return torch.relu(self.body(x) + shortcut)
+
+  if name == "lenet300_100":
+    return nn.Sequential(nn.Flatten(), nn.Linear(784, 300), nn.ReLU(), nn.Linear(300, 100),
+                         nn.ReLU(), nn.Linear(100, 10))
+  if name == "lenet5":
+    return nn.Sequential(
+        nn.Conv2d(3, 6, 5), nn.ReLU(), nn.MaxPool2d(2), nn.Conv2d(6, 16, 5), nn.ReLU(),
+        nn.MaxPool2d(2), nn.Flatten(), nn.Linear(400, 120), nn.ReLU(), nn.Linear(120, 84),
+        nn.ReLU(), nn.Linear(84, 10))
+  if name == "thesis_cnn":
+    return nn.Sequential(
+        nn.Conv2d(3, 32, 3), nn.ReLU(), nn.MaxPool2d(2), nn.Conv2d(32, 64, 3), nn.ReLU(),
+        nn.MaxPool2d(2), nn.Conv2d(64, 64, 3), nn.ReLU(), nn.Flatten(),
+        nn.Linear(1024, 64), nn.ReLU(), nn.Linear(64, 10))
+  if name == "resnet20":
+    blocks, c_in = [conv_bn(3, 16)], 16
+    for stage in range(3):
+      for block in range(3):
+        c_out = 16 * 2**stage
+        blocks.append(BasicBlock(c_in, c_out, 2 if stage and not block else 1))
+        c_in = c_out
+    return nn.Sequential(*blocks, nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(64, 10))
+  if name == "mobilenet":
+    from evoprune.models import mobilenet  # pylint: disable=g-import-not-at-top
+    c_in = mobilenet._STEM_CHANNELS  # pylint: disable=protected-access
+    blocks = [conv_bn(3, c_in)]
+    for c_out, stride in mobilenet._BLOCKS:  # pylint: disable=protected-access
+      blocks += [conv_bn(c_in, c_in, stride=stride, groups=c_in), conv_bn(c_in, c_out, k=1)]
+      c_in = c_out
+    return nn.Sequential(*blocks, nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(c_in, 10))
+  raise ValueError(f"no PyTorch version of {name!r}; valid: {sorted(INPUT_SHAPES)}")
+
+
+def torch_step(name: str, x: np.ndarray, y: np.ndarray) -> Callable[[], None]:
+  """One PyTorch eager SGD-momentum step on a fixed batch (NHWC numpy in, NCHW inside)."""
+  import torch  # pylint: disable=g-import-not-at-top
+
+  torch.manual_seed(0)
+  net = torch_model(name).train()
+  xt = torch.from_numpy(np.ascontiguousarray(x.transpose(0, 3, 1, 2)))
+  yt = torch.from_numpy(y.astype(np.int64))
+  opt = torch.optim.SGD(net.parameters(), lr=0.01, momentum=0.9)
+
+  def step():
+    opt.zero_grad(set_to_none=True)
+    loss = torch.nn.functional.cross_entropy(net(xt), yt)
+    loss.backward()
+    opt.step()
+    loss.item()  # wait for the step, as block_until_ready does on the JAX side
+
+  return step
+
+
+# ----------------------------------------------------------------------------- JAX side
+
+
+def jax_step(name: str, x: np.ndarray, y: np.ndarray) -> Callable[[], None]:
+  """evoprune's compiled train step (donated state) on a fixed batch."""
+  model = ep.models.create(name, num_classes=10)
+  x, y = jnp.asarray(x), jnp.asarray(y)
+  tx = optax.sgd(0.01, momentum=0.9)
+  state = training.create_train_state(model, tx, jax.random.key(0), x[:1])
+  step = jax.jit(functools.partial(training.train_step, model=model, tx=tx),
+                 donate_argnums=(0,))
+  box = [state]
+
+  def run():
+    box[0], metrics = step(box[0], x, y)
+    jax.block_until_ready(metrics)
+
+  return run
+
+
+def _timed_block(step: Callable[[], None], count: int) -> list[float]:
+  """Times `count` calls after one untimed call (which wakes the framework's threads)."""
+  step()
+  times = []
+  for _ in range(count):
+    start = time.perf_counter()
+    step()
+    times.append(time.perf_counter() - start)
+  return times
+
+
+def measure(name: str, rounds: int, block: int = 3, warmup: int = 2) -> dict[str, Any]:
+  """Median ms of both steps and the ratio of the medians, jax/torch.
+
+  The two frameworks alternate in blocks of `block` steps, `rounds` times, with a pause
+  between blocks: both keep worker threads spinning for a while after each step (XLA's
+  Eigen pool, PyTorch's OpenMP team), and step-by-step interleaving made each framework's
+  spinning threads steal the cores from the other (PyTorch steps then varied 6x).
+  """
+  rng = np.random.default_rng(0)
+  x = rng.normal(size=(BATCH_SIZE, *INPUT_SHAPES[name])).astype(np.float32)
+  y = rng.integers(0, 10, BATCH_SIZE).astype(np.int32)
+  steps = {"jax": jax_step(name, x, y)}
+  try:
+    steps["torch"] = torch_step(name, x, y)
+  except ImportError:
+    pass
+  for step in steps.values():
+    for _ in range(warmup):
+      step()
+  times: dict[str, list[float]] = {key: [] for key in steps}
+  for _ in range(rounds):  # alternating blocks: load changes hit both alike
+    for key, step in steps.items():
+      time.sleep(0.2)  # let the other framework's threads go idle
+      times[key] += _timed_block(step, block)
+  jax_ms = 1e3 * float(np.median(times["jax"]))
+  result = {"jax_ms": jax_ms, "torch_ms": None, "jax_over_torch": None,
+            "impl": ep.ops.describe()}
+  if "torch" in times:
+    result["torch_ms"] = 1e3 * float(np.median(times["torch"]))
+    result["jax_over_torch"] = jax_ms / result["torch_ms"]
+  return result
+
+
+def machine() -> str:
+  """One line: CPU model, usable cores, JAX and (if present) PyTorch versions."""
+  model = platform.processor() or platform.machine()
+  try:
+    with open("/proc/cpuinfo", encoding="utf-8") as f:
+      model = next(line.split(":", 1)[1].strip() for line in f if line.startswith("model name"))
+  except (OSError, StopIteration):
+    pass
+  cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+  line = f"{model}, {cores} usable cores, jax {jax.__version__} ({jax.default_backend()})"
+  try:
+    import torch  # pylint: disable=g-import-not-at-top
+    return line + f", PyTorch {torch.__version__} ({torch.get_num_threads()} threads)"
+  except ImportError:
+    return line
+
+
+def main(argv):
+  del argv
+  print(machine())
+  try:
+    import torch  # pylint: disable=g-import-not-at-top,unused-import
+  except ImportError:
+    print("PyTorch is not installed: measuring evoprune only, no comparison "
+          "(pip install torch to compare).")
+  rounds = 1 if _SMOKE.value else _ROUNDS.value
+  results = {}
+  print(f"evoprune ops: {ep.ops.describe()}")
+  print(f"{'model':<14} {'jax ms':>9} {'torch ms':>9} {'jax/torch':>10}")
+  for name in _MODELS.value:
+    r = measure(name, rounds, block=1 if _SMOKE.value else 3, warmup=1 if _SMOKE.value else 2)
+    results[name] = r
+    torch_ms = "-" if r["torch_ms"] is None else f"{r['torch_ms']:.2f}"
+    ratio = "-" if r["jax_over_torch"] is None else f"{r['jax_over_torch']:.3f}"
+    print(f"{name:<14} {r['jax_ms']:9.2f} {torch_ms:>9} {ratio:>10}", flush=True)
+  if _OUT.value:
+    training.write_json_atomic(_OUT.value, results)
+  print(json.dumps({"backend": jax.default_backend(), "devices": jax.device_count(),
+                    "smoke": _SMOKE.value}))
+
+
+if __name__ == "__main__":
+  app.run(main)

@@ -1,0 +1,45 @@
+"""Smoke test: benchmarks/training_speed.py runs and writes its documented JSON."""
+
+import importlib.util
+import json
+import os
+import pathlib
+import subprocess
+import sys
+import tempfile
+
+from absl.testing import absltest
+
+REPO = pathlib.Path(__file__).resolve().parents[1]
+
+
+class TrainingSpeedBenchmarkTest(absltest.TestCase):
+
+  def test_smoke(self):
+    with tempfile.TemporaryDirectory() as tmp:
+      out = pathlib.Path(tmp) / "speed.json"
+      proc = subprocess.run(
+          [sys.executable, "-m", "benchmarks.training_speed", "--smoke",
+           "--models=lenet300_100,lenet5", f"--out={out}"],
+          cwd=REPO, capture_output=True, text=True, timeout=600,
+          env=dict(os.environ, JAX_PLATFORMS="cpu"))
+      self.assertEqual(proc.returncode, 0, proc.stderr[-3000:])
+      results = json.loads(out.read_text())
+    self.assertEqual(set(results), {"lenet300_100", "lenet5"})
+    has_torch = importlib.util.find_spec("torch") is not None
+    for r in results.values():
+      self.assertEqual(set(r), {"jax_ms", "torch_ms", "jax_over_torch", "impl"})
+      self.assertGreater(r["jax_ms"], 0)
+      self.assertTrue(r["impl"].startswith("cpu"))
+      if has_torch:
+        self.assertGreater(r["torch_ms"], 0)
+        self.assertAlmostEqual(r["jax_over_torch"], r["jax_ms"] / r["torch_ms"])
+      else:
+        self.assertIsNone(r["torch_ms"])
+        self.assertIsNone(r["jax_over_torch"])
+    if not has_torch:
+      self.assertIn("PyTorch is not installed", proc.stdout)
+
+
+if __name__ == "__main__":
+  absltest.main()
