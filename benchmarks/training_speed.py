@@ -5,13 +5,13 @@ r"""Train-step time of the zoo against the same network in PyTorch eager, side b
 
 For LeNet-300-100 (MNIST-shaped), LeNet-5, the thesis CNN, ResNet-20 and MobileNet v1
 (CIFAR-shaped), batch 128, SGD with momentum 0.9 and softmax cross-entropy: evoprune's own
-compiled train step (`evoprune.training.train_step` under `jax.jit`, buffers donated) and an
-equivalent PyTorch eager step (`zero_grad`, forward, `backward`, `step`; NCHW, the default
-thread count), measured in the same process in alternating blocks of steps, so both see the
-same load on a shared machine (see `measure`). Each figure is the median after warm-up;
-`jax_over_torch` is the ratio of the medians. PyTorch is optional (`pip install torch`);
-without it the comparison is skipped with a line saying so, and `torch_ms` and
-`jax_over_torch` are null.
+train step (`evoprune.training.train_step`, run `STEPS_PER_CALL` steps per compiled call of
+`training.make_train_epoch`, as `fit` runs it) and an equivalent PyTorch eager step
+(`zero_grad`, forward, `backward`, `step`; NCHW, the default thread count), measured in the
+same process in alternating blocks of steps, so both see the same load on a shared machine
+(see `measure`). Each figure is the median per step after warm-up; `jax_over_torch` is the
+ratio of the medians. PyTorch is optional (`pip install torch`); without it the comparison
+is skipped with a line saying so, and `torch_ms` and `jax_over_torch` are null.
 
 On a machine shared with other (niced) processes, prefer the one-core comparison: XLA's
 worker threads, which sleep between tasks, are woken on the core of the thread that woke
@@ -51,6 +51,9 @@ _ROUNDS = flags.DEFINE_integer("rounds", 5, "Alternating rounds of 3 timed steps
 INPUT_SHAPES = {"lenet300_100": (28, 28, 1), "lenet5": (32, 32, 3),
                 "thesis_cnn": (32, 32, 3), "resnet20": (32, 32, 3), "mobilenet": (32, 32, 3)}
 BATCH_SIZE = 128
+# evoprune's steps run in compiled calls of this many steps (`fit` runs a whole epoch per
+# call); PyTorch's run one per call, as in its training loops.
+STEPS_PER_CALL = 4
 
 
 # ------------------------------------------------------------------------- PyTorch side
@@ -138,18 +141,24 @@ def torch_step(name: str, x: np.ndarray, y: np.ndarray) -> Callable[[], None]:
 # ----------------------------------------------------------------------------- JAX side
 
 
-def jax_step(name: str, x: np.ndarray, y: np.ndarray) -> Callable[[], None]:
-  """evoprune's compiled train step (donated state) on a fixed batch."""
+def jax_step(name: str, x: np.ndarray, y: np.ndarray, steps: int = STEPS_PER_CALL
+             ) -> Callable[[], None]:
+  """`steps` of evoprune's train step on a fixed batch, as `fit` runs them.
+
+  One call of the compiled `training.make_train_epoch` program (a `lax.scan` over the
+  steps, state donated): how `training.fit` trains, so the per-step time has no Python
+  dispatch in it, as it has none in a real run.
+  """
   model = ep.models.create(name, num_classes=10)
   x, y = jnp.asarray(x), jnp.asarray(y)
   tx = optax.sgd(0.01, momentum=0.9)
   state = training.create_train_state(model, tx, jax.random.key(0), x[:1])
-  step = jax.jit(functools.partial(training.train_step, model=model, tx=tx),
-                 donate_argnums=(0,))
+  train_steps = training.make_train_epoch(model, tx)
+  batches = jnp.tile(jnp.arange(x.shape[0])[None], (steps, 1))
   box = [state]
 
   def run():
-    box[0], metrics = step(box[0], x, y)
+    box[0], metrics = train_steps(box[0], x, y, batches)
     jax.block_until_ready(metrics)
 
   return run
@@ -167,7 +176,7 @@ def _timed_block(step: Callable[[], None], count: int) -> list[float]:
 
 
 def measure(name: str, rounds: int, block: int = 3, warmup: int = 2) -> dict[str, Any]:
-  """Median ms of both steps and the ratio of the medians, jax/torch.
+  """Median ms per step of both frameworks and the ratio of the medians, jax/torch.
 
   The two frameworks alternate in blocks of `block` steps, `rounds` times, with a pause
   between blocks: both keep worker threads spinning for a while after each step (XLA's
@@ -190,7 +199,7 @@ def measure(name: str, rounds: int, block: int = 3, warmup: int = 2) -> dict[str
     for key, step in steps.items():
       time.sleep(0.2)  # let the other framework's threads go idle
       times[key] += _timed_block(step, block)
-  jax_ms = 1e3 * float(np.median(times["jax"]))
+  jax_ms = 1e3 * float(np.median(times["jax"])) / STEPS_PER_CALL
   result = {"jax_ms": jax_ms, "torch_ms": None, "jax_over_torch": None,
             "impl": ep.ops.describe()}
   if "torch" in times:

@@ -83,11 +83,12 @@ class ConvTest(parameterized.TestCase):
       _assert_close(self, a, b)
 
   def test_chunks_divide_the_batch(self):
+    chunks = ops._chunks  # pylint: disable=protected-access
     with mock.patch.object(ops, "_CHUNK_BYTES", 1000):
-      self.assertEqual(ops._chunks(12, 300), 4)  # 3 per chunk  # pylint: disable=protected-access
-      self.assertEqual(ops._chunks(10, 300), 5)  # 3 does not divide 10: 2 per chunk  # pylint: disable=protected-access
-      self.assertEqual(ops._chunks(7, 5000), 7)  # pylint: disable=protected-access
-      self.assertEqual(ops._chunks(7, 10), 1)  # pylint: disable=protected-access
+      self.assertEqual(chunks(12, 300), 4)  # 3 examples per chunk
+      self.assertEqual(chunks(10, 300), 5)  # 3 does not divide 10: 2 per chunk
+      self.assertEqual(chunks(7, 5000), 7)  # bigger than a chunk: one each
+      self.assertEqual(chunks(7, 10), 1)
 
   def test_vmap_over_a_seed_axis(self):
     x, kernel = _random((3, 2, 6, 6, 4), 4), _random((3, 3, 3, 4, 5), 5)
