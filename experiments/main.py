@@ -22,6 +22,7 @@ from experiments import pipeline
 STUDIES = {
     "prune": "experiments.pipeline",
     "allocation": "experiments.allocation_study",
+    "compression": "experiments.compression_study",
 }
 
 _CONFIG = config_flags.DEFINE_config_file(

@@ -18,7 +18,8 @@ def get_config() -> ml_collections.ConfigDict:
   """The default configuration."""
   config = ml_collections.ConfigDict()
   # prune: experiments/pipeline.py (methods x targets); allocation: experiments/
-  # allocation_study.py (per-layer allocations incl. the evolutionary search).
+  # allocation_study.py (per-layer allocations incl. the evolutionary search); compression:
+  # experiments/compression_study.py (pruning x PTQ/QAT/weight sharing, thesis_cifar10.py).
   config.study = "prune"
   config.seeds = (0, 1, 2)
 
