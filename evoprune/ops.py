@@ -59,7 +59,7 @@ IMPLEMENTATIONS = ("auto", "xla", "cpu")
 _NHWC = ("NHWC", "HWIO", "NHWC")
 # Bytes of im2col patches (or per-tap products) per scanned batch chunk: small enough to
 # stay in a core's L2 / the shared L3 while the matmul consumes them.
-_CHUNK_BYTES = 2 << 20
+_CHUNK_BYTES = 1 << 20
 
 Padding = str | Sequence[tuple[int, int]]
 
@@ -443,8 +443,14 @@ def _depthwise_fwd(x, kernel, strides, padding):
 
 def _depthwise_bwd(strides, padding, residuals, g):
   x, kernel = residuals
-  _, input_vjp = jax.vjp(lambda x: _depthwise_taps(x, kernel, strides, padding), x)
-  (dx,) = input_vjp(g)
+  # The input gradient reads g kh*kw times; over batch chunks in a loop, g is computed
+  # once before the loop (XLA fused its producer, a batch-norm and ReLU backward, into
+  # the kh*kw-term sum and recomputed it per term: 2-3x slower), and each chunk's sum
+  # stays in cache.
+  input_grad = functools.partial(_depthwise_input_grad, kernel=kernel, x_hw=x.shape[1:3],
+                                 strides=strides, padding=padding)
+  dx = _map_chunks(input_grad, g, _chunks(x.shape[0], math.prod(x.shape[1:]) *
+                                          x.dtype.itemsize))
   kh, kw, _, c = kernel.shape
   out_hw = g.shape[1:3]
 
@@ -455,6 +461,24 @@ def _depthwise_bwd(strides, padding, residuals, g):
   num_chunks = _chunks(x.shape[0], math.prod(out_hw) * c * x.dtype.itemsize)
   dk = _scan_sum(weight_grad, (x, g), num_chunks, jnp.zeros((kh * kw, c), kernel.dtype))
   return dx, dk.reshape(kernel.shape).astype(kernel.dtype)
+
+
+def _depthwise_input_grad(g, *, kernel, x_hw, strides, padding):
+  """dL/dx of `_depthwise_taps`: each tap's g * k put back at its offset (interior
+  padding by the stride undoes the strided view), summed; [b, H', W', C] -> [b, H, W, C]."""
+  kh, kw = kernel.shape[:2]
+  (ho, wo), (sh, sw) = g.shape[1:3], strides
+  hp, wp = x_hw[0] + sum(padding[0]), x_hw[1] + sum(padding[1])
+  zero = jnp.zeros((), g.dtype)
+  dx = None
+  for i in range(kh):
+    for j in range(kw):
+      part = lax.pad(g * kernel[i, j, 0], zero,
+                     ((0, 0, 0), (i, hp - i - (ho - 1) * sh - 1, sh - 1),
+                      (j, wp - j - (wo - 1) * sw - 1, sw - 1), (0, 0, 0)))
+      dx = part if dx is None else dx + part
+  (top, _), (left, _) = padding
+  return dx[:, top:top + x_hw[0], left:left + x_hw[1]]
 
 
 _depthwise.defvjp(_depthwise_fwd, _depthwise_bwd)
