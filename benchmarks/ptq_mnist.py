@@ -28,7 +28,6 @@ from absl import app
 from absl import flags
 import jax
 import jax.numpy as jnp
-import numpy as np
 import optax
 
 import evoprune as ep

@@ -37,12 +37,13 @@ calibration, its static activation scales average per-example statistics instead
 the batch's range, and asymmetric activation ranges add a second full-size convolution for
 the zero point. The layer substitution here is ~100 lines and keeps one code path.
 
-Latency on XLA:CPU (measured with `cost.latency`, interleaved medians, thesis CNN batch 256,
-shared 2-core machine): the integer path is 1.4-2.4x SLOWER than float32. XLA:CPU runs int8
-convolutions through YNNPACK, its float32 convolutions (fused with bias, ReLU and pooling)
-through faster kernels, and an int8 convolution with 3 input channels is slow. Int8's
-latency gain needs an int8 runtime (TFLite/XNNPACK on ARM, TensorRT); what carries over
-here is the size: 4x smaller weights, or more with pruning (see `evoprune.storage`).
+Latency on XLA:CPU (`cost.latency`, interleaved medians, thesis CNN, batch 256, shared
+2-core machine): the integer path took 0.8x to 2.4x the float32 time depending on the load,
+i.e. no dependable gain. XLA:CPU runs int8 convolutions through YNNPACK and float32 ones
+(fused with bias, ReLU and pooling) through kernels that are as fast or faster, and an int8
+convolution with 3 input channels is slow. Int8's latency gain needs an int8 runtime
+(TFLite/XNNPACK on ARM, TensorRT); what carries over here is the size: 4x smaller weights,
+or more with pruning (see `evoprune.storage`).
 """
 
 import dataclasses
@@ -312,10 +313,6 @@ class QuantizedModel:
 
     return _call_substituted(module, next_fun, args, kwargs, fake, integer=False)
 
-  @property
-  def ranges_dict(self) -> dict[str, float]:
-    return dict(self.ranges)
-
 
 # --------------------------------------------------------------------------- calibration
 
@@ -493,7 +490,7 @@ def convert(fake_model: QuantizedModel, params: Params) -> tuple[QuantizedModel,
   if fake_model.mode != "fake":
     raise ValueError(f"convert expects a fake-quant model (mode='fake'); got "
                      f"mode={fake_model.mode!r}.")
-  ranges = fake_model.ranges_dict
+  ranges = dict(fake_model.ranges)
   if not ranges:
     raise ValueError("the fake-quant model has no ranges: weight-only models need the "
                      "quantized layers; build it with qat(model, config, calibrate(...)).")

@@ -83,8 +83,8 @@ def _share_leaf(kernel: jax.Array, bits: int, iterations: int) -> tuple[jax.Arra
   return indices.reshape(kernel.shape), codebook
 
 
-def share(params: Params, bits: int = 4, *, iterations: int = 30,
-          filter: masks_lib.Filter = masks_lib.default_filter) -> Params:  # pylint: disable=redefined-builtin
+def share(params: Params, bits: int = 4, *, iterations: int = 30,  # pylint: disable=redefined-builtin
+          filter: masks_lib.Filter = masks_lib.default_filter) -> Params:
   """Replaces every prunable kernel by codebook indices and adds its codebook.
 
   Args:

@@ -24,7 +24,6 @@ restart; training stages resume from their checkpoints.
 
 import dataclasses
 import functools
-import json
 import pathlib
 from typing import Any
 
@@ -43,10 +42,6 @@ from evoprune import weight_sharing
 from experiments import pipeline
 
 SCHEDULES = ("constant", "polynomial_decay")
-
-
-def _is_none(x: Any) -> bool:
-  return x is None
 
 
 def _combine(config: ml_collections.ConfigDict) -> tuple[str, float] | None:
@@ -74,9 +69,8 @@ def validate(config: ml_collections.ConfigDict) -> None:
     if schedule not in SCHEDULES:
       raise ValueError(f"config.compression.schedules contains {schedule!r}; use {SCHEDULES}.")
   _combine(config)
-  _quant_config(config)
-  for bits in config.quant.ptq_weight_bits:
-    quant.QuantConfig(weight_bits=bits)
+  for bits in (config.quant.weight_bits, *config.quant.ptq_weight_bits):
+    _quant_config(config, bits)
   distillation.check_hyperparameters(config.distill.temperature, config.distill.alpha)
   if config.share.bits and not 1 <= config.share.bits <= weight_sharing.MAX_BITS:
     raise ValueError(f"config.share.bits={config.share.bits}; use 1..8, or 0 for no row.")
@@ -105,10 +99,6 @@ def _subset(dataset: ep.data.Dataset, train: int, evaluation: int) -> ep.data.Da
 # ------------------------------------------------------------------------------ stages
 
 
-def _section(**fields) -> ml_collections.ConfigDict:
-  return ml_collections.ConfigDict(fields)
-
-
 def _schedule(ctx: pipeline.Context, name: str, target: float, epochs: int):
   p = ctx.config.prune
   total = epochs * ctx.steps_per_epoch
@@ -122,9 +112,8 @@ def _schedule(ctx: pipeline.Context, name: str, target: float, epochs: int):
 
 
 def _teacher(ctx: pipeline.Context, dense: training.TrainState) -> distillation.Teacher | None:
-  if not ctx.config.distill.enabled:
-    return None
-  return distillation.Teacher(ctx.model, dense.params, dense.batch_stats)
+  return (distillation.Teacher(ctx.model, dense.params, dense.batch_stats)
+          if ctx.config.distill.enabled else None)
 
 
 def prune_finetune(ctx: pipeline.Context, dense: training.TrainState, schedule: str,
@@ -205,8 +194,9 @@ def qat_finetune(ctx: pipeline.Context, start: training.TrainState, masks: Any,
                            batch_stats=start.batch_stats)
   fake = quant.qat(ctx.model, qconfig, ranges)
   epochs = config.quant.qat_epochs
-  section = _section(optimizer=config.finetune.optimizer, lr_schedule=config.finetune.lr_schedule,
-                     learning_rate=config.quant.qat_learning_rate)
+  section = ml_collections.ConfigDict(dict(
+      optimizer=config.finetune.optimizer, lr_schedule=config.finetune.lr_schedule,
+      learning_rate=config.quant.qat_learning_rate))
   inner = ctx.optimizer(section, epochs)
   if masks is not None:
     tx = ep.Pruner(importance="magnitude").wrap(inner)
@@ -354,6 +344,7 @@ def run(config: ml_collections.ConfigDict, workdir: str | pathlib.Path) -> dict:
             model, pruned(s, t), pruned(s, t).opt_state.masks, "auto"))
 
     for bits in config.quant.ptq_weight_bits:
+
       def ptq_row(bits=bits):
         qconfig = _quant_config(config, bits)
         qmodel, qparams = quant.ptq(model, dense().params, calibration_x, qconfig,
@@ -380,9 +371,7 @@ def run(config: ml_collections.ConfigDict, workdir: str | pathlib.Path) -> dict:
 
     if combine is not None:
       schedule, target = combine
-
-      def base():
-        return pruned(schedule, target)
+      base = lambda: pruned(schedule, target)
 
       def ptq_pruned():
         qconfig = _quant_config(config)

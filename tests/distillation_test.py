@@ -39,7 +39,7 @@ class KdLossTest(parameterized.TestCase):
 
   @parameterized.named_parameters(("t1", 1.0), ("t2", 2.0))
   def test_soft_term_by_hand(self, temperature):
-    # Teacher uniform over 2 classes; student logits (ln 3, 0) -> at T: q1 = 3^(1/T) / (3^(1/T) + 1).
+    # Uniform teacher over 2 classes; student logits (ln 3, 0): q1 = 3^(1/T) / (3^(1/T) + 1).
     q1 = 3 ** (1 / temperature) / (3 ** (1 / temperature) + 1)
     kl = 0.5 * math.log(0.5 / q1) + 0.5 * math.log(0.5 / (1 - q1))
     loss = kd.kd_loss(jnp.array([[math.log(3.0), 0.0]]), jnp.zeros((1, 2)), jnp.array([0]),
@@ -82,7 +82,8 @@ class DistillStepTest(absltest.TestCase):
     teacher = kd.Teacher(teacher_model, jax.jit(teacher_model.init)(jax.random.key(7), x)
                          ["params"])
     student = _MLP()
-    pruner = ep.Pruner(importance="magnitude", schedule=ep.schedules.constant(0.5, 0, frequency=1))
+    schedule = ep.schedules.constant(0.5, 0, frequency=1)
+    pruner = ep.Pruner(importance="magnitude", schedule=schedule)
     tx = pruner.wrap(optax.adam(1e-2))
     state = training.create_train_state(student, tx, jax.random.key(1), x[:1])
     step = jax.jit(functools.partial(kd.distill_step, model=student, tx=tx, teacher=teacher,

@@ -8,7 +8,6 @@ from absl.testing import absltest
 from absl.testing import parameterized
 import flax.linen as nn
 import jax
-import jax.numpy as jnp
 import numpy as np
 
 import evoprune as ep
