@@ -93,6 +93,38 @@ def get_config() -> ml_collections.ConfigDict:
   config.search.compare = ("uniform", "global", "erk", "evolutionary")
   config.search.seed_allocations = ("uniform", "global", "erk")
 
+  # The compression study (study='compression', experiments/compression_study.py).
+  config.quant = ml_collections.ConfigDict()
+  config.quant.weight_bits = 8
+  config.quant.act_bits = 8  # 0 = weight-only
+  config.quant.calibration = "minmax"  # minmax | percentile
+  config.quant.percentile = 99.99
+  config.quant.calibration_examples = 1000  # the first N training images
+  config.quant.ptq_weight_bits = (8, 4)  # one PTQ row each: 'ptq', 'ptq_w4'
+  config.quant.qat_epochs = 1
+  config.quant.qat_learning_rate = 1e-4
+
+  # Knowledge distillation: fine-tune pruned/quantized students against the dense model.
+  config.distill = ml_collections.ConfigDict()
+  config.distill.enabled = False
+  config.distill.temperature = 4.0
+  config.distill.alpha = 0.9
+
+  # Deep Compression weight sharing: per-layer k-means codebooks, fine-tuned.
+  config.share = ml_collections.ConfigDict()
+  config.share.bits = 4  # codebook of 2**bits entries (0 = no weight-sharing row)
+  config.share.iterations = 30
+  config.share.epochs = 1
+  config.share.learning_rate = 1e-4
+
+  config.compression = ml_collections.ConfigDict()
+  config.compression.schedules = ("constant", "polynomial_decay")
+  config.compression.combine = "polynomial_decay@0.8"  # '' = no combination rows
+  config.compression.train_examples = 0  # 0 = all
+  config.compression.eval_examples = 0  # val and test; 0 = all
+  config.compression.latency_batch = 256
+  config.compression.latency_rounds = 15
+
   config.eval_batch_size = 1000
   config.progress = True  # tqdm bars
   return config
