@@ -1,7 +1,9 @@
 """Mask pytrees: exact top-k at a (traced) sparsity, structured groups, N:M, apply, summaries.
 
 A mask tree has exactly the structure of the params it describes: bool leaves (True = keep)
-for prunable leaves and `None` for the rest. Scores trees look the same with float leaves
+for prunable leaves and `None` for the rest. Masks that prune whole units may also cover the
+units' biases and BatchNorm affine parameters (`cover_dependents`), so that a pruned unit
+outputs exactly zero. Scores trees look the same with float leaves
 (higher = more important).
 
 Paths. Every function that names a leaf uses `path_str`: the keys of the leaf's pytree path
@@ -491,6 +493,73 @@ def nm(scores: Scores, n: int, m: int, axis: int = -2) -> Masks:
     return jnp.moveaxis(keep, -1, axis)
 
   return jax.tree_util.tree_map_with_path(one, scores, is_leaf=_is_none)
+
+
+# ---------------------------------------------------------------------------------------
+# Dependents of pruned units.
+
+Owner = Callable[[tuple[str, ...]], tuple[str, ...] | None]
+
+
+def unit_owner(path: tuple[str, ...]) -> tuple[str, ...] | None:
+  """The kernel whose output units a per-unit leaf belongs to, by the zoo's names.
+
+  A module's `bias` belongs to the `kernel` beside it (Dense, Conv); a `norm` module's
+  `scale` and `bias` belong to the `conv` kernel beside it (the zoo's ConvBN unit:
+  `conv` -> BatchNorm `norm`). Any other leaf (LayerNorms, embeddings, ...) has no owner:
+  a LayerNorm mixes channels, so zeroing one of its entries would not remove a unit.
+
+  Args:
+    path: a leaf's path keys, e.g. ('block_01', 'unit_0', 'norm', 'scale').
+
+  Returns:
+    The owner kernel's path keys, e.g. ('block_01', 'unit_0', 'conv', 'kernel'), or None.
+  """
+  if len(path) >= 1 and path[-1] == "bias":
+    if len(path) >= 2 and path[-2] == "norm":
+      return (*path[:-2], "conv", "kernel")
+    return (*path[:-1], "kernel")
+  if len(path) >= 2 and path[-2:] == ("norm", "scale"):
+    return (*path[:-2], "conv", "kernel")
+  return None
+
+
+def cover_dependents(params: Params, masks: Masks, owner: Owner = unit_owner) -> Masks:
+  """Extends masks to the per-unit leaves of every fully pruned output unit.
+
+  A neuron or filter whose kernel column is pruned still emits its bias, or its BatchNorm
+  shift (relu(beta) after ReLU), so the masked model is not the model without that unit,
+  and a zero-padded 3x3 convolution reading the constant cannot absorb it (surgery would
+  have to keep the channel). Masking the unit's bias, BatchNorm scale and BatchNorm shift
+  too makes it output exactly zero, in training mode (batch statistics) and in inference
+  mode (whatever its running statistics), so `evoprune.surgery.shrink` removes it exactly.
+
+  Args:
+    params: tree of arrays.
+    masks: bool masks like params (None for unmasked leaves); unit j of a kernel [..., out]
+      is pruned when its whole column `mask[..., j]` is False.
+    owner: `owner(path_keys) -> kernel path keys | None`, which kernel's units a leaf of
+      shape [out] belongs to (default `unit_owner`, the zoo's names).
+
+  Returns:
+    Masks like params: the given masks, plus a bool [out] mask (True = unit kept) on every
+    owned leaf whose owner has a mask of matching width (ANDed with an existing mask).
+  """
+  check(params, masks)
+  kernels = {}
+  for p, m in jax.tree_util.tree_flatten_with_path(masks, is_leaf=_is_none)[0]:
+    if m is not None and np.ndim(m) >= 1:
+      kernels[path_keys(p)] = m
+
+  def one(path, mask, leaf):
+    kernel_path = owner(path_keys(path))
+    kernel = kernels.get(kernel_path) if kernel_path is not None else None
+    if kernel is None or np.shape(leaf) != (np.shape(kernel)[-1],):
+      return mask
+    alive = jnp.any(jnp.reshape(kernel, (-1, np.shape(kernel)[-1])), axis=0)
+    return alive if mask is None else jnp.logical_and(mask, alive)
+
+  return jax.tree_util.tree_map_with_path(one, masks, params, is_leaf=_is_none)
 
 
 # ---------------------------------------------------------------------------------------

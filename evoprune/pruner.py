@@ -14,6 +14,15 @@
       later starts from a clean state.
 Masks live in the optimizer state (`PrunerState.masks`), so checkpoints and sharding need
 nothing special. `optax.masked` is not used: its mask must be static.
+
+Structured granularities ('neuron', 'filter') prune a unit together with its dependents:
+the masks also cover each unit's bias and BatchNorm scale and shift
+(`ep.masks.cover_dependents`), so a pruned unit outputs exactly zero, in training and in
+inference mode, and `ep.surgery.shrink` of the trained model equals the masked model (a
+filter's BatchNorm shift would otherwise keep emitting relu(beta), which a zero-padded
+convolution cannot absorb). A unit pruned this way cannot relearn (its BatchNorm scale is
+zero, so no gradient reaches its kernel), so later mask updates rank pruned units lowest:
+while the target sparsity does not fall, pruned units stay pruned.
 """
 
 import dataclasses
@@ -93,6 +102,10 @@ class Pruner:
       channels), ranked by the L1 norm of their scores, or N:M such as '2:4' (N kept of
       every M consecutive inputs; the N:M pattern fixes the sparsity at 1 - N/M).
     filter: `filter(path, leaf) -> bool`, which leaves are prunable.
+    dependents: with 'neuron'/'filter', `owner(path) -> kernel path | None` names the
+      kernel whose units a bias or BatchNorm leaf belongs to (`ep.masks.unit_owner`, the
+      zoo's names); those leaves are masked with their unit. None: kernels only (a pruned
+      unit keeps emitting its bias or BatchNorm shift).
     seed: seeds the random scores (keys are `fold_in(key(seed), step)`).
   """
   importance: str = "magnitude"
@@ -102,6 +115,7 @@ class Pruner:
   allocation: str | Callable[[Any, float], Sparsity] = "uniform"
   granularity: str = "unstructured"
   filter: Callable[[tuple, Any], bool] = masks_lib.default_filter
+  dependents: masks_lib.Owner | None = masks_lib.unit_owner
   seed: int = 0
 
   def __post_init__(self):
@@ -122,6 +136,9 @@ class Pruner:
     elif not callable(self.allocation):
       raise ValueError(f"allocation={self.allocation!r} must be a name of "
                        f"{sorted(allocation_lib.ALLOCATIONS)} or a callable(template, target).")
+    if self.dependents is not None and not callable(self.dependents):
+      raise ValueError(f"dependents={self.dependents!r} must be a callable(path) -> kernel "
+                       "path or None, e.g. ep.masks.unit_owner, or None to mask kernels only.")
     if self.schedule is not None and self.allocation not in ("uniform", "global"):
       _final_target(self.schedule)  # raises when the schedule's final target is unknown
 
@@ -206,6 +223,16 @@ class Pruner:
     return masks_lib.structured(scores, per_layer, granularity=self.granularity, norm="l1")
 
   @property
+  def _covers(self) -> bool:
+    """Whether masks also cover the bias/BatchNorm leaves of pruned units."""
+    return self.dependents is not None and self.granularity in GRANULARITIES[1:3]
+
+  def init_masks(self, params: Params) -> Masks:
+    """All-keep masks: bool on prunable leaves (and on units' dependents), None elsewhere."""
+    masks = masks_lib.init(params, self.filter)
+    return masks_lib.cover_dependents(params, masks, self.dependents) if self._covers else masks
+
+  @property
   def _nm(self) -> tuple[int, int] | None:
     if ":" not in self.granularity:
       return None
@@ -213,12 +240,31 @@ class Pruner:
     return int(n), int(m)
 
   def instant(self, params: Params, sparsity: Sparsity, *, grads: Params | None = None,
-              importance_state: Any = None, key: PRNGKey | None = None) -> Masks:
-    """One-shot masks outside training (e.g. after dense training, before fine-tuning)."""
+              importance_state: Any = None, key: PRNGKey | None = None,
+              previous: Masks | None = None) -> Masks:
+    """One-shot masks outside training (e.g. after dense training, before fine-tuning).
+
+    Args:
+      params: the weights.
+      sparsity: the global target (per-layer targets follow the allocation).
+      grads: loss gradients, for 'saliency' and 'taylor'.
+      importance_state: the running importance (`PrunerState.importance`).
+      key: for 'random' scores; default `key(seed)`.
+      previous: with 'neuron'/'filter' and dependents, the current masks: their pruned units
+        rank lowest, so they stay pruned while the target does not fall.
+
+    Returns:
+      Masks like params (see `init_masks` for which leaves are bool).
+    """
     if key is None:
       key = jax.random.key(self.seed)
-    return self.masks_from_scores(
-        self.scores(params, grads=grads, importance_state=importance_state, key=key), sparsity)
+    scores = self.scores(params, grads=grads, importance_state=importance_state, key=key)
+    if previous is not None and self._covers:
+      # Zero is the lowest unit norm, so the pruned units are chosen first.
+      scores = jax.tree.map(lambda s, m: None if s is None else jnp.where(m, s, 0.0),
+                            scores, previous, is_leaf=_is_none)
+    masks = self.masks_from_scores(scores, sparsity)
+    return masks_lib.cover_dependents(params, masks, self.dependents) if self._covers else masks
 
   # ------------------------------------------------------------------------ optax wrap
 
@@ -230,7 +276,7 @@ class Pruner:
 
     def init_fn(params):
       return PrunerState(count=jnp.zeros((), jnp.int32),
-                         masks=masks_lib.init(params, self.filter),
+                         masks=self.init_masks(params),
                          importance=self.init_importance(params),
                          sparsity=jnp.zeros((), jnp.float32),
                          inner_state=inner.init(params))
@@ -246,7 +292,8 @@ class Pruner:
 
         def recompute(_):
           new_masks = self.instant(params, target, grads=grads, importance_state=importance,
-                                   key=jax.random.fold_in(base_key, state.count))
+                                   key=jax.random.fold_in(base_key, state.count),
+                                   previous=masks)
           return (new_masks, jnp.asarray(target, jnp.float32),
                   _reset_pruned_moments(inner, inner_state, new_masks, params))
 

@@ -174,6 +174,53 @@ class PrunerTest(parameterized.TestCase):
       self.assertAlmostEqual(float(jnp.mean(layer.kernel[...] == 0)), 0.75)
       self.assertTrue(bool(jnp.all(layer.bias[...] != 0)))
 
+  def test_filter_masks_cover_bias_and_batchnorm_by_hand(self):
+    # Filter L1 norms 3, 1, 2 (conv) and neuron norms 1, 4 (dense): at 1/3, filter 1
+    # (round(1/3 * 3) = 1) and neuron 0 (round(1/3 * 2) = 1) go with their dependents.
+    params = {"unit": {"conv": {"kernel": jnp.array([[[[1.0, 0.5, -2.0], [2.0, 0.5, 0.0]]]])},
+                       "norm": {"scale": jnp.ones(3), "bias": jnp.ones(3)}},
+              "z": {"kernel": jnp.array([[1.0, -4.0]]), "bias": jnp.ones(2)}}
+    masks = ep.Pruner(granularity="filter").instant(params, 1 / 3)
+    np.testing.assert_array_equal(masks["unit"]["conv"]["kernel"][0, 0],
+                                  [[True, False, True]] * 2)
+    np.testing.assert_array_equal(masks["unit"]["norm"]["scale"], [True, False, True])
+    np.testing.assert_array_equal(masks["unit"]["norm"]["bias"], [True, False, True])
+    np.testing.assert_array_equal(masks["z"]["bias"], [False, True])
+    kernels_only = ep.Pruner(granularity="filter", dependents=None).instant(params, 1 / 3)
+    self.assertIsNone(kernels_only["unit"]["norm"]["scale"])
+    self.assertIsNone(kernels_only["z"]["bias"])
+    # Unstructured masks never cover dependents.
+    self.assertIsNone(ep.Pruner().instant(params, 1 / 3)["z"]["bias"])
+
+  def test_unit_owner_names(self):
+    self.assertEqual(ep.masks.unit_owner(("b", "unit_0", "norm", "scale")),
+                     ("b", "unit_0", "conv", "kernel"))
+    self.assertEqual(ep.masks.unit_owner(("Dense_0", "bias")), ("Dense_0", "kernel"))
+    self.assertIsNone(ep.masks.unit_owner(("ln_f", "scale")))
+    self.assertIsNone(ep.masks.unit_owner(("Dense_0", "kernel")))
+
+  @parameterized.named_parameters(("covered", ep.masks.unit_owner, True),
+                                  ("kernels_only", None, False))
+  def test_pruned_units_stay_pruned_when_covered(self, dependents, stays):
+    # Random scores are redrawn at every update: with dependents covered the pruned
+    # neurons (which could not relearn) rank lowest and stay; without, the masks move.
+    pruner = ep.Pruner(importance="random", granularity="neuron", dependents=dependents,
+                       schedule=ep.schedules.constant(0.5, begin_step=0, frequency=1))
+    tx = pruner.wrap(optax.sgd(0.1))
+    params = tiny_params()
+    state = tx.init(params)
+    update = jax.jit(tx.update)
+    history = []
+    for _ in range(4):
+      updates, state = update(jax.tree.map(jnp.ones_like, params), state, params)
+      params = optax.apply_updates(params, updates)
+      history.append(np.asarray(state.masks["Dense_0"]["kernel"]))
+    self.assertEqual(int((~history[-1].any(0)).sum()), 5)
+    self.assertEqual(all(np.array_equal(h, history[0]) for h in history), stays)
+    if stays:
+      bias = np.asarray(params["Dense_0"]["bias"])
+      np.testing.assert_array_equal(bias == 0, ~history[-1].any(0))
+
   @parameterized.named_parameters(
       ("importance", dict(importance="weight"), "importance='weight'"),
       ("wbar_without_average", dict(importance="wbar"), "RunningAverage"),
@@ -181,6 +228,7 @@ class PrunerTest(parameterized.TestCase):
       ("nm_order", dict(granularity="4:2"), "granularity='4:2'"),
       ("allocation", dict(allocation="erdos"), "erdos"),
       ("average_of", dict(average_of="grad"), "average_of='grad'"),
+      ("dependents", dict(dependents="norm"), "dependents='norm'"),
   )
   def test_invalid_configuration(self, kwargs, message):
     with self.assertRaisesRegex(ValueError, message):

@@ -129,6 +129,42 @@ class FoldingTest(absltest.TestCase):
                                _apply(model, {"params": params}, x), atol=1e-5)
 
 
+class PrunerFilterTest(parameterized.TestCase):
+  """A model trained with ep.Pruner(granularity='filter') shrinks to what it computes."""
+
+  def _train(self, dependents):
+    model = ep.models.create("resnet20", width=4)
+    x = jax.random.normal(jax.random.key(1), (16, 8, 8, 3))
+    y = jnp.arange(16) % 10
+    pruner = ep.Pruner(granularity="filter", dependents=dependents,
+                       schedule=ep.schedules.polynomial_decay(0.0, 0.5, begin_step=0,
+                                                              end_step=6, frequency=3))
+    tx = pruner.wrap(optax.sgd(0.05, momentum=0.9))
+    state = training.create_train_state(model, tx, jax.random.key(0), x[:1])
+    step = jax.jit(lambda s: training.train_step(s, x, y, model=model, tx=tx))
+    for _ in range(10):  # BatchNorm trains on batch statistics, running ones update
+      state, _ = step(state)
+    variables = {"params": state.params, "batch_stats": state.batch_stats}
+    return model, variables, state.opt_state.masks, x
+
+  def test_trained_model_shrinks_exactly(self):
+    model, variables, masks, x = self._train(ep.masks.unit_owner)
+    small_model, small = ep.surgery.shrink(model, variables, masks)  # strict: nothing kept
+    # Half the filters of every unit_0 (inner) convolution go: 4 -> 2, 8 -> 4, 16 -> 8.
+    self.assertEqual(tuple(small_model.inner_widths), (2,) * 3 + (4,) * 3 + (8,) * 3)
+    masked = {**variables, "params": ep.masks.apply(variables["params"], masks)}
+    self.assertLessEqual(float(jnp.max(jnp.abs(_apply(small_model, small, x) -
+                                               _apply(model, masked, x)))), 1e-5)
+    train = lambda m, v: jax.jit(functools.partial(m.apply, train=True,
+                                                   mutable=["batch_stats"]))(v, x)[0]
+    np.testing.assert_allclose(train(small_model, small), train(model, masked), atol=1e-5)
+
+  def test_kernel_only_masks_leave_batchnorm_shifts(self):
+    model, variables, masks, _ = self._train(None)
+    with self.assertRaisesRegex(ValueError, "zero-padded convolution"):
+      ep.surgery.shrink(model, variables, masks)
+
+
 class TiedChannelsTest(absltest.TestCase):
 
   def test_resnet_residual_groups_shrink_together(self):

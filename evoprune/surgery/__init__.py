@@ -21,9 +21,12 @@ global pooling) or an unpadded (VALID or 1x1) convolution takes `c * sum(weights
 bias or, when it has none, into its BatchNorm running mean; a shortcut takes it into the
 BatchNorm shift of the block's last convolution. A zero-padded 3x3 convolution cannot
 absorb a constant (the border sees the padding), so a pruned channel that still carries
-one raises a ValueError (or, with `strict=False`, is kept): `zero_pruned` first zeroes the
-biases and BatchNorm scales and shifts of pruned channels (this changes the outputs; fine-
-tune or re-evaluate after). Channels whose tied members disagree (pruned in one residual
+one raises a ValueError (or, with `strict=False`, is kept). Masks that cover the pruned
+units' biases and BatchNorm scales and shifts never carry such constants: those of
+`ep.Pruner(granularity='filter' | 'neuron')` do (`ep.masks.cover_dependents`), so a model
+trained with them shrinks exactly. For other masks (e.g. `structured` below, which masks
+kernels only), `zero_pruned` first zeroes the biases and BatchNorm scales and shifts of
+pruned channels (this changes the outputs; fine-tune or re-evaluate after). Channels whose tied members disagree (pruned in one residual
 layer, kept in another) are kept; `structured` builds masks that agree. Model inputs and
 outputs are never shrunk. Constants are computed with running statistics, so equality
 holds in inference mode; in training mode (BatchNorm on batch statistics) it holds when
@@ -231,10 +234,12 @@ class _Net:
       stuck = np.flatnonzero(keep & dead[f])
       if strict and stuck.size and f not in fixed:
         raise ValueError(
-            f"{reasons[(f, stuck[0])]} ({stuck.size} such channel(s) in its group). Call evoprune.surgery.zero_pruned(model, variables, "
-            "masks) first (it zeroes the biases and BatchNorm shifts of pruned channels; "
-            "this changes the outputs, so re-evaluate or fine-tune), or pass strict=False "
-            "to keep such channels.")
+            f"{reasons[(f, stuck[0])]} ({stuck.size} such channel(s) in its group). Prune "
+            "with masks that cover the units' biases and BatchNorm leaves "
+            "(ep.masks.cover_dependents; ep.Pruner(granularity='filter') does), or call "
+            "evoprune.surgery.zero_pruned(model, variables, masks) first (it zeroes the "
+            "biases and BatchNorm shifts of pruned channels; this changes the outputs, so "
+            "re-evaluate or fine-tune), or pass strict=False to keep such channels.")
       if not keep.any():
         keep[0] = True  # a layer needs at least one channel; keeping is always exact
     return {name: by_family[self.family[name]] for name in self.graph.spaces}
