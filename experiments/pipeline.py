@@ -22,6 +22,7 @@ import numpy as np
 import optax
 
 import evoprune as ep
+from evoprune import parallel
 from evoprune import training
 
 # Methods that rank weights by a score and hit the target exactly with top-k. The value is
@@ -57,6 +58,10 @@ def validate(config: ml_collections.ConfigDict) -> None:
   targets(config)
   if not config.seeds:
     raise ValueError("config.seeds is empty; give at least one seed, e.g. (0,).")
+  if len(set(config.seeds)) != len(config.seeds):
+    raise ValueError(f"config.seeds={tuple(config.seeds)} repeats a seed; give distinct "
+                     "seeds, e.g. (0, 1, 2).")
+  validate_parallel(config)
   for m in config.prune.methods:
     if m not in METHODS:
       raise ValueError(f"config.prune.methods contains unknown method {m!r}; valid: {METHODS}.")
@@ -91,6 +96,43 @@ def validate(config: ml_collections.ConfigDict) -> None:
     raise ValueError("config.train.epochs and config.train.batch_size must be >= 1.")
 
 
+def validate_parallel(config: ml_collections.ConfigDict) -> None:
+  """Checks `config.parallel` and `config.train.seeds_in_one_program` without starting JAX.
+
+  experiments/main.py calls it before `parallel.use_cpu_devices`/`parallel.initialize`,
+  so it must not run any JAX computation.
+  """
+  p = config.parallel
+  strategy = config.train.seeds_in_one_program
+  if strategy not in parallel.SEED_STRATEGIES:
+    raise ValueError(f"config.train.seeds_in_one_program={strategy!r}; use one of "
+                     f"{parallel.SEED_STRATEGIES}.")
+  if p.sharding_rule not in parallel.SHARDING_RULES:
+    raise ValueError(f"config.parallel.sharding_rule={p.sharding_rule!r}; use one of "
+                     f"{parallel.SHARDING_RULES}.")
+  if p.cpu_devices < 0:
+    raise ValueError(f"config.parallel.cpu_devices={p.cpu_devices} is negative; use 0 (JAX's "
+                     "default) or a device count such as 2.")
+  if p.data_parallel and strategy == "vmap":
+    raise ValueError("config.train.seeds_in_one_program='vmap' cannot be combined with "
+                     "config.parallel.data_parallel=True (the vmapped seeds run on one "
+                     "device); use 'auto' or 'sequential'.")
+  if p.coordinator_address:
+    if p.num_processes < 1:
+      raise ValueError(f"config.parallel.num_processes={p.num_processes} with coordinator "
+                       f"{p.coordinator_address!r}; give the job's process count, e.g. 2.")
+    if not 0 <= p.process_id < p.num_processes:
+      raise ValueError(f"config.parallel.process_id={p.process_id} is outside [0, "
+                       f"{p.num_processes}); give each process its own index.")
+    if p.num_processes > 1 and not p.data_parallel:
+      raise ValueError("a multi-process job needs config.parallel.data_parallel=True (every "
+                       "process trains its share of each batch).")
+  elif p.num_processes > 1 or p.process_id != 0:
+    raise ValueError(f"config.parallel.num_processes={p.num_processes}, process_id="
+                     f"{p.process_id} need config.parallel.coordinator_address='host:port' "
+                     "of process 0 (e.g. 'localhost:1234').")
+
+
 # ------------------------------------------------------------------------------- stages
 
 
@@ -102,7 +144,11 @@ class Context:
   model: Any
   workdir: pathlib.Path
   steps_per_epoch: int
+  mesh: jax.sharding.Mesh | None = None  # config.parallel.data_parallel: fit over it
   _tx_cache: dict = dataclasses.field(default_factory=dict)
+  # Dense states trained together (seed strategy 'vmap'), until `train_dense` hands them
+  # out; init=False so a `dataclasses.replace`d context (other data) starts empty.
+  _dense: dict = dataclasses.field(default_factory=dict, init=False, repr=False)
 
   def fit_config(self, epochs: int, seed: int) -> training.FitConfig:
     c = self.config.train
@@ -111,6 +157,26 @@ class Context:
         augment=c.augment, checkpoint_every_epochs=c.checkpoint_every_epochs,
         checkpoint_every_steps=c.checkpoint_every_steps, steps_per_call=c.steps_per_call,
         eval_every_epochs=c.eval_every_epochs, progress=self.config.progress)
+
+  def fit(self, tx: optax.GradientTransformation, state: training.TrainState, epochs: int,
+          seed: int, stage: str) -> training.TrainState:
+    """`training.fit` in the workdir, data-parallel over `mesh` when there is one."""
+    state, _ = training.fit(self.model, tx, state, self.dataset, self.fit_config(epochs, seed),
+                            workdir=self.workdir, stage=stage, mesh=self.mesh,
+                            sharding_rule=self.config.parallel.sharding_rule)
+    if self.mesh is not None and jax.process_count() > 1:
+      # Later stages (pruning, evaluation, costs) run on each process's own devices: give
+      # every process the whole state rather than its shards of a global array.
+      from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
+      state = jax.tree.map(jnp.asarray, multihost_utils.process_allgather(state))
+    return state
+
+  def seed_strategy(self) -> str:
+    """'vmap' (the dense seeds as one program) or 'sequential', from the config."""
+    if self.mesh is not None:  # fit_seeds runs on one device; data parallelism wins
+      return "sequential"
+    return parallel.seed_strategy(self.model, self.dataset.train.x[:1], len(self.config.seeds),
+                                  self.config.train.seeds_in_one_program)
 
   def tracking_tx(self, section: str, epochs: int) -> optax.GradientTransformation:
     """The `section` optimizer ('train' or 'finetune') wrapped by a Pruner with fixed masks
@@ -159,15 +225,33 @@ def evaluate(ctx: Context, state: training.TrainState) -> dict[str, float]:
 
 
 def train_dense(ctx: Context, seed: int) -> training.TrainState:
-  """Trains the dense model, tracking the running average of its weights."""
+  """Trains the dense model of `seed`, tracking the running average of its weights.
+
+  Under the seed strategy 'vmap' (`config.train.seeds_in_one_program`, see
+  `Context.seed_strategy`), the first call trains the dense models of all `config.seeds`
+  as one vmapped program (`training.fit_seeds`; checkpoints under
+  `checkpoints/seeds<s0>-<s1>.../dense`, events under `seed<s>/dense` as sequentially)
+  and hands the others out on their own calls. Either way a seed ends, to float
+  rounding, at the same state, and a restarted run resumes from the checkpoints.
+  """
   config = ctx.config
-  tx = ctx.tracking_tx("train", config.train.epochs)
-  state = training.create_train_state(ctx.model, tx, jax.random.key(seed),
-                                      jnp.asarray(ctx.dataset.train.x[:1]))
-  state, _ = training.fit(ctx.model, tx, state, ctx.dataset,
-                          ctx.fit_config(config.train.epochs, seed), workdir=ctx.workdir,
-                          stage=f"seed{seed}/dense")
-  return state
+  epochs = config.train.epochs
+  tx = ctx.tracking_tx("train", epochs)
+  example_x = jnp.asarray(ctx.dataset.train.x[:1])
+  seeds = tuple(config.seeds)
+  if seed in seeds and ctx.seed_strategy() == "vmap":
+    if seed not in ctx._dense:  # pylint: disable=protected-access
+      init = [training.create_train_state(ctx.model, tx, jax.random.key(s), example_x)
+              for s in seeds]
+      stacked, _ = training.fit_seeds(
+          ctx.model, tx, parallel.stack(init), ctx.dataset, ctx.fit_config(epochs, seeds[0]),
+          seeds, workdir=ctx.workdir, stage=f"seeds{'-'.join(map(str, seeds))}/dense",
+          stages=tuple(f"seed{s}/dense" for s in seeds))
+      ctx._dense.update(  # pylint: disable=protected-access
+          {s: parallel.unstack(stacked, i) for i, s in enumerate(seeds)})
+    return ctx._dense.pop(seed)  # pylint: disable=protected-access
+  state = training.create_train_state(ctx.model, tx, jax.random.key(seed), example_x)
+  return ctx.fit(tx, state, epochs, seed, f"seed{seed}/dense")
 
 
 def gradient_batch(ctx: Context, state: training.TrainState, size: int = 256) -> Any:
@@ -258,9 +342,7 @@ def finetune(ctx: Context, dense: training.TrainState, masks: Any, seed: int, st
   state = training.TrainState(step=jnp.zeros((), jnp.int32), params=params,
                               batch_stats=dense.batch_stats, opt_state=opt_state,
                               rng=jax.random.key_data(jax.random.key(seed + 10_000)))
-  state, _ = training.fit(ctx.model, tx, state, ctx.dataset, ctx.fit_config(epochs, seed),
-                          workdir=ctx.workdir, stage=stage)
-  return state
+  return ctx.fit(tx, state, epochs, seed, stage)
 
 
 def train_pruned(ctx: Context, method: str, target: float, seed: int, stage: str
@@ -280,9 +362,7 @@ def train_pruned(ctx: Context, method: str, target: float, seed: int, stage: str
       ctx.optimizer(config.train, total_epochs))
   state = training.create_train_state(ctx.model, tx, jax.random.key(seed),
                                       jnp.asarray(ctx.dataset.train.x[:1]))
-  state, _ = training.fit(ctx.model, tx, state, ctx.dataset,
-                          ctx.fit_config(total_epochs, seed), workdir=ctx.workdir, stage=stage)
-  return state
+  return ctx.fit(tx, state, total_epochs, seed, stage)
 
 
 def bezier_turns(ctx: Context, target: float, dense: training.TrainState, seed: int,
@@ -325,14 +405,19 @@ def measure(ctx: Context, state: training.TrainState, masks: Any) -> dict[str, A
 
 
 def cached(path: pathlib.Path, compute: Callable[[], dict]) -> dict:
-  """Returns the stored result of a finished stage, or computes and stores it atomically."""
+  """Returns the stored result of a finished stage, or computes and stores it atomically.
+
+  In a multi-process job every process computes (the stage's programs span all of them)
+  and only process 0 stores.
+  """
   if path.exists():
     return json.loads(path.read_text(encoding="utf-8"))
-  path.parent.mkdir(parents=True, exist_ok=True)
   start = time.time()
   result = compute()
   result["wall_time_s"] = time.time() - start
-  training.write_json_atomic(path, result)
+  if parallel.is_writer():
+    path.parent.mkdir(parents=True, exist_ok=True)
+    training.write_json_atomic(path, result)
   return result
 
 
@@ -340,16 +425,29 @@ def cached(path: pathlib.Path, compute: Callable[[], dict]) -> dict:
 
 
 def setup(config: ml_collections.ConfigDict, workdir: str | pathlib.Path) -> Context:
-  """Creates the workdir (with config.json), loads the data and builds the model."""
+  """Creates the workdir (with config.json), loads the data and builds the model.
+
+  With `config.parallel.data_parallel`, training runs over `parallel.data_mesh()` (every
+  device of every process); only process 0 writes the workdir.
+  """
   workdir = pathlib.Path(workdir)
-  workdir.mkdir(parents=True, exist_ok=True)
-  training.write_json_atomic(workdir / "config.json", json.loads(config.to_json_best_effort()))
+  if parallel.is_writer():
+    workdir.mkdir(parents=True, exist_ok=True)
+    training.write_json_atomic(workdir / "config.json",
+                               json.loads(config.to_json_best_effort()))
+  mesh = None
+  if config.parallel.data_parallel:
+    mesh = parallel.data_mesh()
+    if config.train.batch_size % mesh.size:
+      raise ValueError(f"config.train.batch_size={config.train.batch_size} is not divisible "
+                       f"by the {mesh.size} devices of the data-parallel mesh; use a multiple "
+                       f"of {mesh.size}.")
   dataset = ep.data.load(config.data.name, data_dir=config.data.dir or None,
                          val_size=config.data.val_size, seed=config.data.split_seed)
   model = ep.models.create(config.model.name, num_classes=dataset.num_classes,
                            **config.model.kwargs.to_dict())
   return Context(config, dataset, model, workdir,
-                 ep.data.steps_per_epoch(dataset.train, config.train.batch_size))
+                 ep.data.steps_per_epoch(dataset.train, config.train.batch_size), mesh=mesh)
 
 
 def run(config: ml_collections.ConfigDict, workdir: str | pathlib.Path) -> dict:
@@ -390,9 +488,10 @@ def run(config: ml_collections.ConfigDict, workdir: str | pathlib.Path) -> dict:
         rows.setdefault((method, target), []).append(
             cached(results_dir / f"{method}@{target:g}.json", compute))
   summary = summarize(config, rows)
-  training.write_json_atomic(workdir / "summary.json", summary)
-  (workdir / "report.md").write_text(format_report(summary), encoding="utf-8")
-  plot(summary, workdir)
+  if parallel.is_writer():
+    training.write_json_atomic(workdir / "summary.json", summary)
+    (workdir / "report.md").write_text(format_report(summary), encoding="utf-8")
+    plot(summary, workdir)
   return summary
 
 

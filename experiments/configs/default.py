@@ -48,6 +48,9 @@ def get_config() -> ml_collections.ConfigDict:
   config.train.checkpoint_every_steps = 0  # > 0: checkpoint every N steps instead
   config.train.steps_per_call = 0  # steps per compiled call; 0 = one epoch
   config.train.eval_every_epochs = 5
+  # Train the dense baseline's seeds as one vmapped program (training.fit_seeds): vmap |
+  # sequential | auto (= ep.parallel.seed_strategy: vmap for small convolution-free models).
+  config.train.seeds_in_one_program = "auto"
 
   config.prune = ml_collections.ConfigDict()
   # One result row per (method, target). Methods: see experiments/pipeline.py METHODS.
@@ -124,6 +127,16 @@ def get_config() -> ml_collections.ConfigDict:
   config.compression.eval_examples = 0  # val and test; 0 = all
   config.compression.latency_batch = 256
   config.compression.latency_rounds = 15
+
+  # Scale-out (evoprune.parallel); experiments/main.py applies cpu_devices and the
+  # multi-host fields before anything touches JAX.
+  config.parallel = ml_collections.ConfigDict()
+  config.parallel.data_parallel = False  # fit over ep.parallel.data_mesh() (all devices)
+  config.parallel.cpu_devices = 0  # > 0: split the host CPU into this many devices
+  config.parallel.sharding_rule = "replicate"  # replicate | fsdp (data_parallel only)
+  config.parallel.coordinator_address = ""  # 'host:port' of process 0; '' = one process
+  config.parallel.num_processes = 0  # with coordinator_address: the job's process count
+  config.parallel.process_id = 0  # this process's index in [0, num_processes)
 
   config.eval_batch_size = 1000
   config.progress = True  # tqdm bars
