@@ -11,7 +11,11 @@ import tempfile
 from absl.testing import absltest
 from absl.testing import parameterized
 import jax
+from jax._src import test_util as jtu
+import jax.numpy as jnp
+import numpy as np
 
+from evoprune import parallel
 from experiments import pipeline
 from experiments.configs import test as test_config
 
@@ -128,6 +132,23 @@ class PipelineScaleOutTest(parameterized.TestCase):
     summary = json.loads((self.dirs["data_parallel"] / "summary.json").read_text())
     self.assertEqual([r["method"] for r in summary["results"]],
                      [r["method"] for r in self.summaries["sequential"]["results"]])
+
+
+class SeedStackTest(absltest.TestCase):
+  """`parallel.stack`/`unstack` as train_dense uses them: whole trees, one program each."""
+
+  def test_unstack_every_seed_with_one_program(self):
+    trees = [{"w": jnp.full((2, 3), float(i)), "step": jnp.asarray(i, jnp.int32)}
+             for i in range(3)]
+    stacked = parallel.stack(trees)
+    self.assertEqual(stacked["w"].shape, (3, 2, 3))
+    with jtu.count_jit_and_pmap_lowerings() as count:
+      seeds = [parallel.unstack(stacked, i) for i in (0, 1, 2, -1)]
+    self.assertEqual(count(), 1)  # the seed index is traced: no program per seed
+    self.assertEqual([int(s["step"]) for s in seeds], [0, 1, 2, 2])
+    np.testing.assert_array_equal(seeds[1]["w"], np.ones((2, 3)))
+    with self.assertRaisesRegex(IndexError, "index=3"):
+      parallel.unstack(stacked, 3)
 
 
 class ValidationTest(parameterized.TestCase):
