@@ -41,7 +41,10 @@ class PtqMnistBenchmarkTest(absltest.TestCase):
     self.assertLessEqual(variants["int8"]["accuracy_drop_points"], 0.5)
     self.assertTrue(results["passed"])
     self.assertGreater(results["latency_ms"]["int8"], 0)
-    self.assertIn("PASS", proc.stdout)
+    # Each target is stated with its verdict.
+    self.assertEqual(proc.stdout.count(", met\n"), 3, proc.stdout)
+    self.assertIn("target: 90% sparse + int8 file / fp32 file <= 0.1:", proc.stdout)
+    self.assertIn("all targets: PASS", proc.stdout)
 
 
 if __name__ == "__main__":
