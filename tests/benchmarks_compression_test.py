@@ -12,9 +12,9 @@ from absl.testing import absltest
 REPO = pathlib.Path(__file__).resolve().parents[1]
 
 
-def _run(module: str, out: pathlib.Path) -> str:
+def _run(module: str, out: pathlib.Path, *flags: str) -> str:
   proc = subprocess.run(
-      [sys.executable, "-m", f"benchmarks.{module}", "--smoke", f"--out={out}"],
+      [sys.executable, "-m", f"benchmarks.{module}", "--smoke", f"--out={out}", *flags],
       cwd=REPO, capture_output=True, text=True, timeout=600,
       env=dict(os.environ, JAX_PLATFORMS="cpu"))
   if proc.returncode:
@@ -27,9 +27,15 @@ class CompressionBenchmarksTest(absltest.TestCase):
   def test_sparse_eval_smoke(self):
     with tempfile.TemporaryDirectory() as tmp:
       out = pathlib.Path(tmp) / "sparse_eval.json"
-      stdout = _run("sparse_eval", out)
+      stdout = _run("sparse_eval", out, "--breakdown")
       results = json.loads(out.read_text())
-    self.assertEqual(set(results), {"thesis_cnn"})
+    self.assertEqual(set(results), {"thesis_cnn", "resnet20_convs"})
+    convs = results["resnet20_convs"]
+    self.assertEqual(set(convs), {"16@32", "32@16", "64@8"})
+    for r in convs.values():
+      self.assertAlmostEqual(r["ratio"], r["dense_ms"] / r["shrunk_ms"])
+      self.assertGreater(r["dense_gmacs"], 0)
+    self.assertEqual([convs[k]["count"] for k in ("16@32", "32@16", "64@8")], [6, 5, 5])
     formats = results["thesis_cnn"]
     self.assertEqual(set(formats), {"dense", "masked", "bcoo", "shrunk"})
     self.assertEqual(set(formats["dense"]), {"0.0"})
@@ -43,6 +49,7 @@ class CompressionBenchmarksTest(absltest.TestCase):
     self.assertAlmostEqual(
         shrunk["speedup"], formats["dense"]["0.0"]["batch256_ms"] / shrunk["batch256_ms"])
     self.assertIn("target: shrunk at 0.5", stdout)
+    self.assertIn("resnet20 3x3 convolutions", stdout)
 
   def test_macs_table_smoke(self):
     with tempfile.TemporaryDirectory() as tmp:
