@@ -42,13 +42,13 @@ at 32x32 against 12-22 for 16->16 and 30-65 for 32->32 or 64->64 (a second run:
 1.37x / 1.61x / 3.16x for the three conv pairs, whole network 1.81x), so the shrunk stage 1
 (7 of 19 convolutions, now half of the shrunk network's time) gains 1.4x instead of 4x,
 and normalisation and ReLU only scale with channels (2x). The shrunk widths are already
-aligned (8/16/32) and its shortcuts are plain zero padding (no gather); evaluating in
-batch chunks helps dense more (the ratio falls to 1.7x); packing 2-8 images into channels with a
-block-diagonal kernel, channel-major im2col matmuls, NCHW, padding 8 channels to 16,
-per-tap matmuls, a fused broadcast multiply-add and Winograd F(2x2, 3x3) written in
-jax.numpy all ran 8->8 at 0.2-1.1x of XLA's convolution; the XLA flags xla_cpu_use_xnnpack, xla_cpu_use_onednn and
-xla_cpu_experimental_ynn_fusion_type=LIBRARY_FUSION_TYPE_INDIVIDUAL_CONVOLUTION left the
-8->8 / 16->16 ratio at 1.5-1.7x. Meeting 2x needs an 8->8 3x3 forward ~1.3x faster than
+aligned (8/16/32) and its shortcuts are plain zero padding (no gather). Evaluating in
+batch chunks helps dense more (the ratio falls to 1.7x). Packing 2-8 images into channels
+with a block-diagonal kernel, channel-major im2col matmuls, NCHW, padding 8 channels to
+16, per-tap matmuls, a fused broadcast multiply-add and Winograd F(2x2, 3x3) written in
+jax.numpy all ran 8->8 at 0.2-1.1x of XLA's convolution. The XLA flags
+xla_cpu_use_xnnpack, xla_cpu_use_onednn and xla_cpu_experimental_ynn_fusion_type=
+LIBRARY_FUSION_TYPE_INDIVIDUAL_CONVOLUTION left the 8->8 / 16->16 ratio at 1.5-1.7x. Meeting 2x needs an 8->8 3x3 forward ~1.3x faster than
 XLA's (2.6x overall if it scaled with MACs): a direct small-channel convolution in
 `evoprune.ops`, which no JAX formulation measured here provides.
 """

@@ -26,7 +26,8 @@ units' biases and BatchNorm scales and shifts never carry such constants: those 
 `ep.Pruner(granularity='filter' | 'neuron')` do (`ep.masks.cover_dependents`), so a model
 trained with them shrinks exactly. For other masks (e.g. `structured` below, which masks
 kernels only), `zero_pruned` first zeroes the biases and BatchNorm scales and shifts of
-pruned channels (this changes the outputs; fine-tune or re-evaluate after). Channels whose tied members disagree (pruned in one residual
+pruned channels (this changes the outputs; fine-tune or re-evaluate after). Channels
+whose tied members disagree (pruned in one residual
 layer, kept in another) are kept; `structured` builds masks that agree. Model inputs and
 outputs are never shrunk. Constants are computed with running statistics, so equality
 holds in inference mode; in training mode (BatchNorm on batch statistics) it holds when
