@@ -27,9 +27,8 @@ units' biases and BatchNorm scales and shifts never carry such constants: those 
 trained with them shrinks exactly. For other masks (e.g. `structured` below, which masks
 kernels only), `zero_pruned` first zeroes the biases and BatchNorm scales and shifts of
 pruned channels (this changes the outputs; fine-tune or re-evaluate after). Channels
-whose tied members disagree (pruned in one residual
-layer, kept in another) are kept; `structured` builds masks that agree. Model inputs and
-outputs are never shrunk. Constants are computed with running statistics, so equality
+whose tied members disagree (pruned in one residual layer, kept in another) are kept;
+`structured` builds masks that agree. Model inputs and outputs are never shrunk. Constants are computed with running statistics, so equality
 holds in inference mode; in training mode (BatchNorm on batch statistics) it holds when
 pruned channels carry no BatchNorm constants, e.g. after `zero_pruned`.
 """
