@@ -10,6 +10,8 @@ as is. The global target is parameter-weighted: sum_l s_l * n_l = target * sum_l
   to (sum of kernel dims) / (product of kernel dims), scaled to meet the target exactly; layers
   whose density would exceed 1 are made dense and the others rescaled.
 - `explicit`: values given by path string or regex.
+- `fixed`: a sparsity tree computed elsewhere (e.g. by the evolutionary search), as an
+  allocation for the target it was computed for.
 
 `first_last` (uniform, global_, erk) treats the first and last prunable leaves in `jax.tree`
 flatten order specially: 'dense' keeps them unpruned, a float caps their sparsity, None does
@@ -192,6 +194,37 @@ def erk(template: Any, target: float, *, power_scale: float = 1.0,
   return _allocate(template, target,
                    lambda shape: (float(sum(shape)) / float(np.prod(shape))) ** power_scale,
                    first_last)
+
+
+def fixed(per_layer: Sparsity) -> Callable[..., Sparsity]:
+  """An allocation that returns `per_layer` (a sparsity tree), e.g. a searched one.
+
+  For `Pruner(allocation=fixed(per_layer), schedule=...)` the tree is the allocation at the
+  schedule's final target (the per-layer targets scale with the scheduled sparsity).
+
+  Args:
+    per_layer: a sparsity tree: floats in [0, 1) at prunable leaves, None elsewhere.
+
+  Returns:
+    `allocate(template, target, *, first_last=None) -> per_layer`; it raises ValueError
+    when `template` has other prunable leaves or `first_last` is set.
+  """
+  values = jax.tree.leaves(per_layer)
+  for v in values:
+    _check_target(float(v))
+  structure = jax.tree.structure(per_layer, is_leaf=_is_none)
+
+  def allocate(template: Any, target: Any, *, first_last: FirstLast = None) -> Sparsity:
+    del target  # the tree was computed for it
+    if first_last is not None:
+      raise ValueError(f"first_last={first_last!r}: a fixed allocation already says every "
+                       "layer's sparsity; cap the first/last layers when computing it.")
+    if jax.tree.structure(template, is_leaf=_is_none) != structure:
+      raise ValueError("the fixed allocation's tree does not match the pruned parameters; "
+                       "compute it from a scores/masks tree of the same model.")
+    return per_layer
+
+  return allocate
 
 
 def explicit(template: Any, values: Mapping[str, float], *,

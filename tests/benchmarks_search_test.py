@@ -28,7 +28,7 @@ class SearchBenchmarkTest(absltest.TestCase):
       self.assertEqual(list(rows), ["P4"], msg=model)
       row = rows["P4"]
       self.assertIn(row["auto"], row)
-      for name in ("vmap", "map:1", "map:8", "loop"):
+      for name in ("vmap", "map:1", "map:8", "loop", "loop:shared"):
         self.assertGreater(row[name], 0.0, msg=f"{model} {name}")
 
 

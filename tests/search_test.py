@@ -1,5 +1,6 @@
 """Tests for evoprune.search: budgets, GA and CMA-ES, fitness, population evaluation, evolve."""
 
+import dataclasses
 import functools
 
 from absl.testing import absltest
@@ -8,6 +9,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
+import optax
 
 import evoprune as ep
 from evoprune.search import driver
@@ -188,6 +190,43 @@ class FitnessTest(TestCase):
     candidate = jnp.array([0.8, 0.5])
     self.assertGreater(float(tuned_fn(candidate, tuned_context)),
                        float(plain_fn(candidate, context)))
+
+  def test_shared_first_layer_equals_the_masked_forward_pass(self):
+    apply_fn, params, scores, x, y = tiny_problem()
+    budget = S.sparsity_budget(0.7, scores, upper=0.95)
+    shared_fn, shared = S.make_fitness(apply_fn, params, scores, x, y, metric="loss",
+                                       budget=budget)
+    plain_fn, plain = S.make_fitness(apply_fn, params, scores, x, y, metric="loss",
+                                     shared_first_layer=False)
+    self.assertIsNotNone(shared.first)
+    self.assertIsNone(plain.first)
+    # The budget bounds the prefix sums: fewer than all 8 inputs per column.
+    lower = budget.feasible_lower()[0]
+    self.assertGreater(lower, 0.5)
+    self.assertLess(shared.first.prefix.shape[0], 8 + 1)
+    z = 2.0 * jax.random.normal(jax.random.key(3), (16, 2))
+    population = jax.vmap(budget.project)(z)
+    got = jax.vmap(shared_fn, in_axes=(0, None))(population, shared)
+    want = jax.vmap(plain_fn, in_axes=(0, None))(population, plain)
+    np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-6)
+    # Without a budget the sums cover every count, down to the dense layer.
+    _, unbounded = S.make_fitness(apply_fn, params, scores, x, y)
+    self.assertEqual(unbounded.first.prefix.shape[0], 8 + 1)
+    np.testing.assert_allclose(shared_fn(jnp.array([lower, 0.0]), shared),
+                               plain_fn(jnp.array([lower, 0.0]), plain), rtol=1e-5)
+
+  def test_shared_first_layer_only_for_a_dense_layer_on_the_input(self):
+    class Scaled(nn.Module):  # the first Dense sees 2x, not the input
+
+      @nn.compact
+      def __call__(self, x, train: bool = False):
+        del train
+        return nn.Dense(3)(nn.relu(nn.Dense(12)(2.0 * x.reshape((x.shape[0], -1)))))
+
+    for model in (TinyCNN(), Scaled()):
+      apply_fn, params, scores, x, y = tiny_problem(model)
+      _, context = S.make_fitness(apply_fn, params, scores, x, y)
+      self.assertIsNone(context.first, type(model).__name__)
 
   @parameterized.named_parameters(
       ("metric", dict(metric="f1"), "metric"),
@@ -387,6 +426,65 @@ class EvolveTest(TestCase):
                               float(fitness_fn(seed, context)) - 1e-6)
     self.assertLen(results, 1)
     self.assertEqual(results[0].history["best_vector"].shape, (4, 2))
+
+
+class ResearchTest(TestCase):
+  """Searching again between training segments, warm-started from the last answer."""
+
+  def test_segments_search_again_and_the_masks_follow(self):
+    apply_fn, params, scores, x, y = tiny_problem()
+    final, steps = 0.8, 8
+    schedule = ep.schedules.polynomial_decay(0.0, final, 0, steps, frequency=2)
+    pruner = ep.Pruner(importance="magnitude", schedule=schedule)
+    inner = optax.sgd(0.05)
+    x, y = jnp.asarray(x), jnp.asarray(y)
+
+    def loss_fn(p):
+      logits = apply_fn(p, x)
+      return jnp.mean(optax.softmax_cross_entropy_with_integer_labels(logits, y))
+
+    opt_state = None
+    per_layer, answers = None, []
+    for segment in range(2):
+      results = []
+      allocate = S.evolutionary_allocation(apply_fn, params, x, y,
+                                           key=jax.random.fold_in(jax.random.key(0), segment),
+                                           population_size=8, generations=3, upper=0.95,
+                                           on_result=results.append)
+      if opt_state is None:
+        segment_scores = scores
+      else:
+        segment_scores = pruner.scores(params, importance_state=opt_state.importance)
+      previous = per_layer
+      per_layer = allocate(segment_scores, final, previous=previous)
+      answers.append(per_layer)
+      if previous is not None:
+        # Warm start: the last answer was in the first population; elitism keeps the best.
+        fitness_fn, context = S.make_fitness(apply_fn, params, segment_scores, x, y)
+        previous_fitness = float(fitness_fn(jnp.asarray(driver.vector_of(previous, 2)),
+                                            context))
+        self.assertGreaterEqual(float(results[0].best_fitness), previous_fitness - 1e-6)
+      pruner = dataclasses.replace(pruner, allocation=ep.allocation.fixed(per_layer))
+      tx = pruner.wrap(inner)
+      if opt_state is None:
+        opt_state = tx.init(params)
+      step = jax.jit(lambda p, o, tx=tx: tx.update(jax.grad(loss_fn)(p), o, p))
+      for _ in range(steps // 2 + 1):  # 10 steps: the update at step 8 reaches `final`
+        updates, opt_state = step(params, opt_state)
+        params = optax.apply_updates(params, updates)
+    # After the schedule's last update the masks hold the second answer's per-layer targets.
+    sizes = S.layer_sizes(scores)
+    kept = [float(jnp.mean(m)) for m in jax.tree.leaves(opt_state.masks)]
+    for got, want, size in zip(kept, jax.tree.leaves(answers[-1]), sizes):
+      self.assertAlmostEqual(1.0 - got, want, delta=1.0 / size + 1e-6)
+
+  def test_fixed_allocation_rejects_another_model(self):
+    _, _, scores, _, _ = tiny_problem()
+    allocate = ep.allocation.fixed({"x": 0.5})
+    with self.assertRaisesRegex(ValueError, "does not match"):
+      allocate(scores, 0.5)
+    with self.assertRaisesRegex(ValueError, "outside"):
+      ep.allocation.fixed({"x": 1.5})
 
 
 if __name__ == "__main__":

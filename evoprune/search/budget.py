@@ -128,6 +128,17 @@ class Budget:
     alpha = jnp.clip(alpha, 0.0, 1.0)
     return jnp.clip(s_lo + alpha * (s_hi - s_lo), lower, upper)
 
+  def feasible_lower(self) -> np.ndarray:
+    """The least sparsity each layer can have on the budget, float64 [L].
+
+    Layer l keeps the most when every other layer keeps its least (sits at its upper
+    bound): `s_l >= 1 - (remaining - sum_{o != l} cost_o (1 - upper_o)) / cost_l`, and never
+    below `lower_l`. Fitness functions use it to bound what they precompute per layer.
+    """
+    least_kept = self.cost * (1.0 - self.upper)
+    most_kept = self.remaining - (least_kept.sum() - least_kept)
+    return np.clip(1.0 - most_kept / self.cost, self.lower, self.upper)
+
   def achieved(self, s: Any) -> float:
     """The budget's value (in its own unit) that a sparsity vector s [L] spends."""
     s = np.asarray(s, np.float64)

@@ -218,22 +218,43 @@ def evolutionary_allocation(apply_fn: fitness_lib.ApplyFn, params: Any, x: Any, 
     on_result: called with the `EvolveResult` (e.g. to keep the history).
 
   Returns:
-    `allocate(scores, target, *, first_last=None)`; `first_last` is None, 'dense' or a
-    sparsity cap for the first and last prunable leaves, as in `evoprune.allocation`.
+    `allocate(scores, target, *, first_last=None, previous=None)`; `first_last` is None,
+    'dense' or a sparsity cap for the first and last prunable leaves, as in
+    `evoprune.allocation`; `previous` (a sparsity tree or [L] vector, e.g. an earlier
+    search's answer) warm-starts the search: it joins the first population, so with an
+    elitist strategy the answer is never worse than it on (x, y).
+
+  Searching again later in training (the per-layer ratios follow the evolving importance):
+  train in segments; before each, search on the current weights and running importance,
+  warm-started from the last answer, and fix the answer for the segment's mask updates:
+
+      per_layer = None
+      for segment in range(segments):
+        allocate = ep.search.evolutionary_allocation(apply_fn, state.params, x_val, y_val,
+                                                     key=jax.random.fold_in(key, segment))
+        scores = pruner.scores(state.params, importance_state=state.opt_state.importance)
+        per_layer = allocate(scores, final_target, previous=per_layer)
+        pruner = dataclasses.replace(pruner, allocation=ep.allocation.fixed(per_layer))
+        state = fit(model, pruner.wrap(inner), state, ...)   # the pruner state carries over
+
+  (the new `tx` is compiled once per segment; see tests/search_test.py ResearchTest).
   """
   constructor = get(strategy)
 
-  def allocate(scores: Scores, target: float, *, first_last: Any = None) -> Any:
+  def allocate(scores: Scores, target: float, *, first_last: Any = None,
+               previous: Any = None) -> Any:
     num_layers = len(jax.tree.leaves(scores))
     budget = budget_lib.sparsity_budget(
         float(target), scores, lower=lower,
         upper=_first_last_bounds(upper, num_layers, first_last))
     fitness_fn, context = fitness_lib.make_fitness(apply_fn, params, scores, x, y,
-                                                   metric=metric)
+                                                   metric=metric, budget=budget)
     search = constructor(population_size, budget, **(search_kwargs or {}))
     initial = None
-    if seeds:
-      vectors = [vector_of(seed(scores, float(target)), budget.num_layers) for seed in seeds]
+    vectors = [vector_of(seed(scores, float(target)), budget.num_layers) for seed in seeds]
+    if previous is not None:  # warm start: the earlier search's answer competes from the start
+      vectors.insert(0, vector_of(previous, budget.num_layers))
+    if vectors:
       # Seeds may miss the bounds or round differently: put them on the budget first.
       initial = np.asarray(jax.jit(jax.vmap(budget.project))(
           budget_lib.logit(np.stack(vectors))))

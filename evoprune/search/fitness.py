@@ -13,24 +13,42 @@ Masks: a candidate's masks are exactly `evoprune.masks.topk(scores, candidate)`.
 are ranked once (a stable sort with topk's tie rule) and each candidate's mask is one
 comparison `rank >= round(s_l * size_l)` per leaf instead of a selection per candidate.
 
+The first layer once for the whole search: when the first prunable leaf is the kernel of a
+linen `nn.Dense` applied to the (flattened) input batch itself, as in every MLP, every
+candidate's first-layer output is read from sums computed once. The masks of all
+candidates are nested (each keeps the highest-ranked entries of every column), so column j
+of a candidate that keeps n_j entries is the sum of the first n_j terms x[:, i] * W[i, j] in
+rank order: a prefix sum `prefix[:, n_j, j]`. The context holds these prefix sums for the
+kept counts the budget allows (`make_fitness(..., budget=...)`), and the candidate's
+forward pass takes them instead of the layer's matmul (via `nn.intercept_methods`). For
+LeNet-300-100 on a global-sparsity budget of 0.9 this removes 88% of each candidate's
+multiply-adds; the result equals the masked matmul to float rounding (the sum's order
+differs). It applies without fine-tuning steps, when the prefix sums fit `PREFIX_MAX_BYTES`,
+and is skipped, with the plain forward pass, for any other model.
+
 Optional fine-tuning: `finetune_steps > 0` runs that many masked SGD steps on fixed training
 batches before the validation pass, inside the same compiled call for all candidates.
 """
 
+import functools
 from typing import Any, Callable, NamedTuple
 
+import flax.linen as nn
 import jax
 from jax import lax
 import jax.numpy as jnp
 import numpy as np
 import optax
 
+from evoprune.search import budget as budget_lib
 from evoprune.types import Params, Scores
 
 METRICS = ("accuracy", "loss", "accuracy_loss")
 # Weight of the loss in 'accuracy_loss': small enough never to outweigh one example's
 # accuracy on batches below ~1e5 examples (losses are O(1)), large enough to break ties.
 _TIE_BREAK = 1e-5
+# Largest prefix-sum tensor [m + 1, B, out] the first-layer shortcut may hold in the context.
+PREFIX_MAX_BYTES = 2**30
 
 ApplyFn = Callable[[Params, jax.Array], jax.Array]
 FitnessFn = Callable[[jax.Array, Any], jax.Array]
@@ -38,6 +56,21 @@ FitnessFn = Callable[[jax.Array, Any], jax.Array]
 
 def _is_none(x: Any) -> bool:
   return x is None
+
+
+class FirstLayer(NamedTuple):
+  """The first dense layer of every candidate, from sums shared by the whole population.
+
+  Attributes:
+    prefix: [m + 1, B, out] prefix[n, b, j] = sum of the n highest-ranked terms
+      x[b, i] * W[i, j] of column j (n = 0..m, m the most any feasible candidate keeps).
+    bias: [out] the layer's bias (zeros without one).
+    min_pruned: int32 scalar, the fewest entries a feasible candidate prunes from the layer;
+      candidates are evaluated at no fewer.
+  """
+  prefix: jax.Array
+  bias: jax.Array
+  min_pruned: jax.Array
 
 
 class FitnessContext(NamedTuple):
@@ -51,6 +84,7 @@ class FitnessContext(NamedTuple):
     y: [B] integer labels.
     train_x: [steps, b, ...] fine-tuning batches (or an empty array without fine-tuning).
     train_y: [steps, b] their labels.
+    first: a `FirstLayer`, or None when every candidate runs the plain forward pass.
   """
   params: Params
   ranks: Any
@@ -58,6 +92,7 @@ class FitnessContext(NamedTuple):
   y: jax.Array
   train_x: jax.Array
   train_y: jax.Array
+  first: FirstLayer | None = None
 
 
 def rank_scores(scores: Scores) -> Any:
@@ -73,20 +108,21 @@ def rank_scores(scores: Scores) -> Any:
   Returns:
     A tree like `scores` with int32 leaves of the same shapes.
   """
-  def one(x):
-    if x is None:
-      return None
-    flat = jnp.asarray(x, jnp.float32).reshape(-1)
-    nan = jnp.isnan(flat)
-    value = jnp.where(nan | (flat == 0), 0.0, flat)  # also folds -0.0 into +0.0
-    index = jnp.arange(flat.size, dtype=jnp.int32)
-    # Keys: NaN first (0 before 1), then the value; `is_stable` keeps index order on ties.
-    _, _, order = lax.sort((jnp.where(nan, 0, 1).astype(jnp.int32), value, index),
-                           num_keys=2, is_stable=True)
-    ranks = jnp.zeros(flat.size, jnp.int32).at[order].set(index)
-    return ranks.reshape(jnp.shape(x))
+  return jax.tree.map(lambda x: None if x is None else _rank_leaf(x), scores, is_leaf=_is_none)
 
-  return jax.tree.map(one, scores, is_leaf=_is_none)
+
+@jax.jit
+def _rank_leaf(x: jax.Array) -> jax.Array:
+  """int32 ranks of one leaf (see `rank_scores`); jitted: eager sorts recompile per call."""
+  flat = jnp.asarray(x, jnp.float32).reshape(-1)
+  nan = jnp.isnan(flat)
+  value = jnp.where(nan | (flat == 0), 0.0, flat)  # also folds -0.0 into +0.0
+  index = jnp.arange(flat.size, dtype=jnp.int32)
+  # Keys: NaN first (0 before 1), then the value; `is_stable` keeps index order on ties.
+  _, _, order = lax.sort((jnp.where(nan, 0, 1).astype(jnp.int32), value, index),
+                         num_keys=2, is_stable=True)
+  ranks = jnp.zeros(flat.size, jnp.int32).at[order].set(index)
+  return ranks.reshape(jnp.shape(x))
 
 
 def num_pruned(sparsity: jax.Array, size: int) -> jax.Array:
@@ -109,6 +145,98 @@ def masks_from_ranks(ranks: Any, candidate: jax.Array) -> Any:
   return treedef.unflatten(out)
 
 
+def _first_dense_path(apply_fn: ApplyFn, params: Params, ranks: Any, x: jax.Array
+                      ) -> tuple[str, ...] | None:
+  """The module path of the first prunable leaf if it is an `nn.Dense` on the raw input.
+
+  Checked by running the model once on two examples and watching the module's calls: it
+  must be called exactly once, on the input batch flattened (bit for bit), with the kernel
+  that is the first prunable leaf. Anything else (NNX, a conv first, a normalised input)
+  returns None and the plain forward pass is used.
+  """
+  paths = [path for path, leaf in jax.tree_util.tree_flatten_with_path(
+      ranks, is_leaf=_is_none)[0] if leaf is not None]
+  names = tuple(getattr(key, "key", None) for key in paths[0])
+  if len(names) < 2 or names[-1] != "kernel" or not all(isinstance(n, str) for n in names):
+    return None
+  module_path, calls = names[:-1], []
+
+  def record(next_fun, args, kwargs, context):
+    if context.method_name == "__call__" and tuple(context.module.path) == module_path:
+      calls.append((context.module, args))
+    return next_fun(*args, **kwargs)
+
+  probe = x[:2]
+  try:
+    with nn.intercept_methods(record):
+      apply_fn(params, probe)
+  except Exception:  # pylint: disable=broad-except  # not a linen model: no shortcut
+    return None
+  if len(calls) != 1:
+    return None
+  module, args = calls[0]
+  flat = np.asarray(probe).reshape(probe.shape[0], -1)
+  if (type(module) is not nn.Dense or len(args) != 1  # pylint: disable=unidiomatic-typecheck
+      or np.shape(args[0]) != flat.shape or not np.array_equal(np.asarray(args[0]), flat)):
+    return None
+  return module_path
+
+
+def _first_layer(params: Params, ranks: Any, x: jax.Array, module_path: tuple[str, ...],
+                 min_sparsity: float) -> FirstLayer | None:
+  """Prefix sums of the first dense layer over the kept counts a feasible candidate has."""
+  layer = params
+  for name in module_path:
+    layer = layer[name]
+  kernel = jnp.asarray(layer["kernel"], jnp.float32)
+  rank = jnp.asarray(jax.tree.leaves(ranks)[0])
+  out = kernel.shape[1]
+  # Two entries of slack: the candidate's float32 sparsity may sit just under the bound.
+  min_pruned = max(0, int(np.floor(min_sparsity * kernel.size)) - 2)
+  most_kept = int(jnp.max(jnp.sum(rank >= min_pruned, axis=0)))
+  xf = jnp.asarray(x, jnp.float32).reshape(x.shape[0], -1)
+  if 4 * xf.shape[0] * (most_kept + 1) * out > PREFIX_MAX_BYTES:
+    return None
+  prefix = _prefix_sums(xf, kernel, rank, most_kept)
+  bias = jnp.asarray(layer.get("bias", jnp.zeros(out)), jnp.float32)
+  return FirstLayer(prefix=prefix, bias=bias, min_pruned=jnp.int32(min_pruned))
+
+
+@functools.partial(jax.jit, static_argnums=3)
+def _prefix_sums(x: jax.Array, kernel: jax.Array, rank: jax.Array, most_kept: int
+                 ) -> jax.Array:
+  """[m + 1, B, out]: sums of the first n terms x[:, i] * W[i, j] of each column, rank order."""
+  order = jnp.argsort(-rank, axis=0)[:most_kept]  # [m, out]: kept-first rows of each column
+  weights = jnp.take_along_axis(kernel, order, axis=0)  # [m, out]
+
+  # A scan over the m terms (XLA:CPU's cumsum over a middle axis ran 2-3x slower).
+  def add(total, n):
+    total = total + x[:, order[n]] * weights[n]
+    return total, total
+
+  zeros = jnp.zeros((x.shape[0], kernel.shape[1]), x.dtype)
+  _, sums = lax.scan(add, zeros, jnp.arange(most_kept))
+  return jnp.concatenate([zeros[None], sums])
+
+
+def _first_layer_output(first: FirstLayer, rank: jax.Array, candidate_sparsity: jax.Array
+                        ) -> jax.Array:
+  """[B, out]: the candidate's first-layer output, read from the prefix sums."""
+  pruned = jnp.maximum(num_pruned(candidate_sparsity, rank.size), first.min_pruned)
+  kept = jnp.sum(rank >= pruned, axis=0)  # [out] entries kept in each column
+  kept = jnp.minimum(kept, first.prefix.shape[0] - 1)
+  return jnp.take_along_axis(first.prefix, kept[None, None, :], axis=0)[0] + first.bias
+
+
+def _replacing_call(module_path: tuple[str, ...], output: jax.Array) -> Callable:
+  """A method interceptor: the module at `module_path` returns `output` instead."""
+  def interceptor(next_fun, args, kwargs, context):
+    if context.method_name == "__call__" and tuple(context.module.path) == module_path:
+      return output
+    return next_fun(*args, **kwargs)
+  return interceptor
+
+
 def _apply_masks(params: Params, masks: Any) -> Params:
   return jax.tree.map(lambda m, p: p if m is None else jnp.where(m, p, jnp.zeros((), p.dtype)),
                       masks, params, is_leaf=_is_none)
@@ -126,7 +254,8 @@ def _score(logits: jax.Array, y: jax.Array, metric: str) -> jax.Array:
 
 def make_fitness(apply_fn: ApplyFn, params: Params, scores: Scores, x: Any, y: Any, *,
                  metric: str = "accuracy_loss", finetune_steps: int = 0,
-                 train_x: Any = None, train_y: Any = None, learning_rate: float = 0.01
+                 train_x: Any = None, train_y: Any = None, learning_rate: float = 0.01,
+                 budget: budget_lib.Budget | None = None, shared_first_layer: bool = True
                  ) -> tuple[FitnessFn, FitnessContext]:
   """Builds the fitness of one candidate sparsity vector and the context it reads.
 
@@ -145,6 +274,10 @@ def make_fitness(apply_fn: ApplyFn, params: Params, scores: Scores, x: Any, y: A
     train_x: [steps, b, ...] fine-tuning batches, one per step (needed when steps > 0).
     train_y: [steps, b] their labels.
     learning_rate: SGD learning rate of the fine-tuning steps.
+    budget: the budget every candidate satisfies (optional): bounds the first-layer prefix
+      sums to the kept counts it allows (see the module docstring).
+    shared_first_layer: compute a first `nn.Dense` layer on the input once for the whole
+      population (prefix sums) when it applies; False: always the plain forward pass.
 
   Returns:
     (fitness_fn, context): `fitness_fn(candidate [L], context) -> float32 scalar`.
@@ -173,8 +306,15 @@ def make_fitness(apply_fn: ApplyFn, params: Params, scores: Scores, x: Any, y: A
                        f"[{finetune_steps}, b].")
   else:
     train_x, train_y = jnp.zeros((0,), jnp.float32), jnp.zeros((0,), jnp.int32)
-  context = FitnessContext(params=params, ranks=rank_scores(scores), x=x, y=y,
-                           train_x=train_x, train_y=train_y)
+  ranks = rank_scores(scores)
+  first, module_path = None, None
+  if shared_first_layer and not finetune_steps:
+    module_path = _first_dense_path(apply_fn, params, ranks, x)
+    if module_path is not None:
+      min_sparsity = 0.0 if budget is None else float(budget.feasible_lower()[0])
+      first = _first_layer(params, ranks, x, module_path, min_sparsity)
+  context = FitnessContext(params=params, ranks=ranks, x=x, y=y, train_x=train_x,
+                           train_y=train_y, first=first)
 
   def finetune(pruned: Params, masks: Any, context: FitnessContext) -> Params:
     def loss_fn(p, xb, yb):
@@ -196,6 +336,11 @@ def make_fitness(apply_fn: ApplyFn, params: Params, scores: Scores, x: Any, y: A
     pruned = _apply_masks(context.params, masks)
     if finetune_steps:
       pruned = finetune(pruned, masks, context)
-    return _score(apply_fn(pruned, context.x), context.y, metric)
+    if first is None:
+      return _score(apply_fn(pruned, context.x), context.y, metric)
+    hidden = _first_layer_output(context.first, jax.tree.leaves(context.ranks)[0], candidate[0])
+    with nn.intercept_methods(_replacing_call(module_path, hidden)):
+      logits = apply_fn(pruned, context.x)
+    return _score(logits, context.y, metric)
 
   return fitness_fn, context
