@@ -79,9 +79,10 @@ def validate(config: ml_collections.ConfigDict) -> None:
     raise ValueError("method 'movement' accumulates -w*g while the model is pruned; use "
                      "config.prune.when='during'.")
   if config.prune.allocation == "evolutionary":
-    if config.prune.when != "after":
-      raise ValueError("config.prune.allocation='evolutionary' searches once on the trained "
-                       "model; use config.prune.when='after'.")
+    if config.search.research_every_epochs < 0:
+      raise ValueError(f"config.search.research_every_epochs="
+                       f"{config.search.research_every_epochs}; use 0 (search once, when "
+                       "pruning starts) or a number of epochs between searches.")
   else:
     ep.allocation.get(config.prune.allocation)
   for name, value in (("train.optimizer", config.train.optimizer),
@@ -358,10 +359,30 @@ def train_pruned(ctx: Context, method: str, target: float, seed: int, stage: str
   else:
     schedule = ep.schedules.polynomial_decay(0.0, target, begin_step=begin, end_step=end,
                                              frequency=p.frequency)
-  tx = ctx.pruner(method, schedule=schedule, seed=seed).wrap(
-      ctx.optimizer(config.train, total_epochs))
+  inner = ctx.optimizer(config.train, total_epochs)
+  pruner = ctx.pruner(method, schedule=schedule, seed=seed,
+                      allocation="uniform" if p.allocation == "evolutionary" else None)
+  tx = pruner.wrap(inner)
   state = training.create_train_state(ctx.model, tx, jax.random.key(seed),
                                       jnp.asarray(ctx.dataset.train.x[:1]))
+  if p.allocation != "evolutionary" or method == "global_magnitude":
+    return ctx.fit(tx, state, total_epochs, seed, stage)
+  # Search the per-layer ratios when pruning starts and, every `research_every_epochs`,
+  # again on the current weights and running importance, warm-started from the last answer;
+  # each answer holds for the mask updates until the next search.
+  every = config.search.research_every_epochs
+  first = begin // ctx.steps_per_epoch
+  last_update = -(-end // ctx.steps_per_epoch)  # epochs after it change no mask
+  per_layer = None
+  for i, epoch in enumerate([first] + (list(range(first + every, last_update, every))
+                                       if every else [])):
+    if epoch > 0:  # train up to the search (resumes from this segment's checkpoints)
+      state = ctx.fit(tx, state, epoch, seed, f"{stage}-to{epoch}")
+    scores = pruner.scores(state.params, importance_state=state.opt_state.importance)
+    allocate = evolutionary_allocation(ctx, state, seed + 1000 * i, target)
+    per_layer = allocate(scores, target, previous=per_layer)
+    pruner = dataclasses.replace(pruner, allocation=ep.allocation.fixed(per_layer))
+    tx = pruner.wrap(inner)
   return ctx.fit(tx, state, total_epochs, seed, stage)
 
 

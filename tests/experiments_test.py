@@ -139,6 +139,31 @@ class ExperimentsTest(parameterized.TestCase):
     row = [r for r in summary["results"] if r["method"] == "evolution"][0]
     self.assertAlmostEqual(row["sparsity"]["global"], 0.9, delta=0.002)
 
+  def test_evolutionary_allocation_during_training_searches_again(self):
+    config = test_config.get_config()
+    config.seeds = (0,)
+    config.train.epochs = 4
+    config.prune.when = "during"
+    config.prune.methods = ("evolution",)
+    config.prune.target_sparsity = (0.8,)
+    config.prune.allocation = "evolutionary"
+    config.prune.begin_epoch = 0.25  # epoch 1: search on weights trained for an epoch
+    config.prune.end_epoch = 0.75  # the last mask update is in epoch 3
+    config.prune.frequency = 5
+    config.search.population_size = 4
+    config.search.generations = 2
+    config.search.research_every_epochs = 1
+    with tempfile.TemporaryDirectory() as workdir:
+      summary = pipeline.run(config, workdir)
+      checkpoints = {p.name for p in (pathlib.Path(workdir) / "checkpoints" / "seed0").iterdir()}
+    # Searches at epochs 1 and 2 (masks change until epoch 3): a segment up to each.
+    self.assertEqual({p for p in checkpoints if p.startswith("evolution")},
+                     {"evolution@0.8-to1", "evolution@0.8-to2", "evolution@0.8"})
+    row = [r for r in summary["results"] if r["method"] == "evolution"][0]
+    self.assertAlmostEqual(row["sparsity"]["global"], 0.8, delta=0.002)
+    per_layer = list(row["sparsity"]["per_layer"].values())
+    self.assertGreater(max(per_layer) - min(per_layer), 0.01)  # not the uniform allocation
+
   def test_configs_validate(self):
     for config in (default.get_config(), test_config.get_config()):
       pipeline.validate(config)

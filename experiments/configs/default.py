@@ -95,6 +95,10 @@ def get_config() -> ml_collections.ConfigDict:
   config.search.upper = 0.99
   config.search.compare = ("uniform", "global", "erk", "evolutionary")
   config.search.seed_allocations = ("uniform", "global", "erk")
+  # With when='during': search when the schedule begins (on the weights trained so far; at
+  # begin_epoch=0 these are the initial weights) and again every N epochs while masks
+  # change, warm-started from the last answer; 0 = search once.
+  config.search.research_every_epochs = 0
 
   # The compression study (study='compression', experiments/compression_study.py).
   config.quant = ml_collections.ConfigDict()
