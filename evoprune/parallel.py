@@ -255,11 +255,11 @@ def seed_strategy(model: Any, example_x: Any, num_seeds: int, strategy: str = "a
   experiments' dense seeds (3 seeds, `experiments.pipeline.train_dense`, compiled,
   medians of interleaved runs), vmap/sequential:
 
-    model (config)                       2-core CPU   H200 GPU
-    digits MLP 128-64 (default, 30 ep)   0.35         0.35
-    LeNet-300-100 (mnist_mlp, 1 epoch)   0.71-0.79    0.42
-    LeNet-5 on MNIST (1 epoch)           -            0.74
-    LeNet-5, one epoch of 20 steps       1.20         -
+    model (config)                          2-core CPU   H200 GPU
+    digits MLP 128-64 (default, 30 epochs)  0.35         0.35
+    LeNet-300-100 (mnist_mlp, 1 epoch)      0.71-0.79    0.42
+    LeNet-5 on MNIST (1 epoch)              1.81         0.74
+    ResNet-20 on MNIST (1 epoch)            -            0.84
 
   One program dispatches S times fewer calls and writes one checkpoint instead of S; on
   CPU a vmapped convolution becomes a grouped convolution, which XLA:CPU runs slower than
