@@ -169,7 +169,7 @@ class Context:
       # Later stages (pruning, evaluation, costs) run on each process's own devices: give
       # every process the whole state rather than its shards of a global array.
       from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
-      state = jax.tree.map(jnp.asarray, multihost_utils.process_allgather(state))
+      state = jax.tree.map(jnp.asarray, multihost_utils.process_allgather(state, tiled=True))
     return state
 
   def seed_strategy(self) -> str:
