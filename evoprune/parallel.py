@@ -212,24 +212,27 @@ def constrain_batch(x: jax.Array, mesh: Mesh) -> jax.Array:
 # ------------------------------------------------------------------------ seed stacks
 
 
-# One compiled program per tree structure: op by op, every leaf shape compiled its own
-# stack (and its own slice and squeeze per seed), about 0.1 s each on CPU, which made a
-# vmapped run of the digits MLP's 3 seeds compile 36 programs more than the sequential run.
-@jax.jit
-def _stack(trees: list[Any]) -> Any:
-  return jax.tree.map(lambda *leaves: jax.numpy.stack(leaves), *trees)
-
-
-@jax.jit
-def _unstack(tree: Any, index: jax.Array) -> Any:
-  return jax.tree.map(lambda leaf: leaf[index], tree)
+# Stacking and slicing go through host memory: op by op on the device, every leaf shape
+# compiled its own stack (and its own slice and squeeze per seed), about 0.1 s each on
+# CPU (36 programs for the digits MLP's 3 seeds), and even one jitted program for the whole
+# tree took about 1 s to compile, more than the copies cost for the models that vmap
+# their seeds (`VMAP_MAX_PARAMS`). Typed PRNG keys cannot go through numpy and stay on the
+# device.
+def _is_key(leaf: Any) -> bool:
+  return jax.dtypes.issubdtype(getattr(leaf, "dtype", np.float32), jax.dtypes.prng_key)
 
 
 def stack(trees: Sequence[Any]) -> Any:
   """S pytrees of the same structure -> one pytree with a leading seed axis S."""
   if not trees:
     raise ValueError("stack needs at least one tree")
-  return _stack(list(trees))
+
+  def stack_leaves(*leaves):
+    if _is_key(leaves[0]):
+      return jax.numpy.stack(leaves)
+    return jax.device_put(np.stack([np.asarray(leaf) for leaf in leaves]))
+
+  return jax.tree.map(stack_leaves, *trees)
 
 
 def unstack(tree: Any, index: int) -> Any:
@@ -242,8 +245,9 @@ def unstack(tree: Any, index: int) -> Any:
   count = min(sizes) if sizes else 0
   if not -count <= index < count:
     raise IndexError(f"index={index} is outside the seed axis of size {count}")
-  # A traced index: one program serves every seed.
-  return _unstack(tree, index % count)
+  return jax.tree.map(
+      lambda leaf: leaf[index] if _is_key(leaf) else jax.device_put(np.asarray(leaf)[index]),
+      tree)
 
 
 def seed_strategy(model: Any, example_x: Any, num_seeds: int, strategy: str = "auto", *,
