@@ -54,8 +54,9 @@ STRATEGIES = (("vmap", None), ("map", 1), ("map", 8), ("loop", None))
 BASELINE = "loop"  # the loop over the plain masked model; the loop above is 'loop:shared'
 
 # A vmap of the whole population is skipped above this estimated working memory (P times the
-# per-candidate upper bound of `population.profile`): the machines have 24 GiB shared by
-# every process (the thesis CNN's 128 candidates would need an estimated 19 GiB).
+# per-candidate upper bound of `population.profile`), or above the accelerator's budget
+# where that is larger: the CPU machines have 24 GiB shared by every process (the thesis
+# CNN's 128 candidates would need an estimated 57 GiB).
 SKIP_VMAP_BYTES = 8 * 2**30
 
 
@@ -139,7 +140,8 @@ def run(models: dict[str, dict], sizes: tuple[int, ...], *, min_rounds: int = 3,
       fns = {BASELINE: functools.partial(baseline.evaluate, population, plain_context)}
       for strategy, chunk in candidates:
         name = "loop:shared" if strategy == "loop" else _name(strategy, chunk)
-        if strategy == "vmap" and prof.temp_bytes * p > SKIP_VMAP_BYTES:
+        if strategy == "vmap" and prof.temp_bytes * p > max(
+            SKIP_VMAP_BYTES, population_lib.memory_budget(prof.backend)):
           row[name] = None  # the whole population at once would not fit (see SKIP_VMAP_BYTES)
           continue
         evaluator = ep.search.make_evaluator(fitness_fn, context, p, num_layers,
