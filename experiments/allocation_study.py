@@ -133,10 +133,11 @@ def run(config: ml_collections.ConfigDict, workdir: str | pathlib.Path) -> dict:
   ordered = dict(sorted(rows.items(), key=lambda kv: (kv[0][0] != "dense",
                                                      kv[0][0].endswith("+ft"), kv[0][1])))
   summary = pipeline.summarize(config, ordered)
-  training.write_json_atomic(ctx.workdir / "summary.json", summary)
-  training.write_json_atomic(ctx.workdir / "search_history.json", histories)
-  (ctx.workdir / "report.md").write_text(pipeline.format_report(summary), encoding="utf-8")
-  plot(histories, vectors, summary, ctx.workdir)
+  if ep.parallel.is_writer():  # process 0 of a multi-process job writes the workdir
+    training.write_json_atomic(ctx.workdir / "summary.json", summary)
+    training.write_json_atomic(ctx.workdir / "search_history.json", histories)
+    (ctx.workdir / "report.md").write_text(pipeline.format_report(summary), encoding="utf-8")
+    plot(histories, vectors, summary, ctx.workdir)
   return summary
 
 

@@ -65,6 +65,10 @@ def validate(config: ml_collections.ConfigDict) -> None:
   pipeline.targets(config)
   if not config.seeds:
     raise ValueError("config.seeds is empty; give at least one seed, e.g. (0, 1).")
+  if config.parallel.data_parallel or config.parallel.num_processes > 1:
+    # Its quantization-aware and step-wise fits run on one device in one process.
+    raise ValueError("the compression study trains on one device; set "
+                     "config.parallel.data_parallel=False and run a single process.")
   for schedule in config.compression.schedules:
     if schedule not in SCHEDULES:
       raise ValueError(f"config.compression.schedules contains {schedule!r}; use {SCHEDULES}.")

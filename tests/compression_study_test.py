@@ -27,6 +27,12 @@ class CompressionStudyTest(absltest.TestCase):
     jax.config.update("jax_disable_most_optimizations", True)
     self.addCleanup(jax.config.update, "jax_disable_most_optimizations", False)
 
+  def test_data_parallel_is_rejected(self):
+    config = thesis_cifar10.get_config("smoke")
+    config.parallel.data_parallel = True
+    with self.assertRaisesRegex(ValueError, "one device"):
+      compression_study.validate(config)
+
   def test_smoke_end_to_end(self):
     if not (DATA / "cifar-10-batches-bin").exists():
       if os.environ.get("CI"):
