@@ -93,6 +93,11 @@ def validate(config: ml_collections.ConfigDict) -> None:
                       ("finetune.lr_schedule", config.finetune.lr_schedule)):
     if value not in training.LR_SCHEDULES:
       raise ValueError(f"config.{name}={value!r}; use one of {training.LR_SCHEDULES}.")
+  if config.distill.enabled:
+    ep.distillation.check_hyperparameters(config.distill.temperature, config.distill.alpha)
+    if config.parallel.data_parallel:
+      raise ValueError("config.distill.enabled fine-tunes on one device; set "
+                       "config.parallel.data_parallel=False.")
   if config.train.epochs < 1 or config.train.batch_size < 1:
     raise ValueError("config.train.epochs and config.train.batch_size must be >= 1.")
 
@@ -343,6 +348,14 @@ def finetune(ctx: Context, dense: training.TrainState, masks: Any, seed: int, st
   state = training.TrainState(step=jnp.zeros((), jnp.int32), params=params,
                               batch_stats=dense.batch_stats, opt_state=opt_state,
                               rng=jax.random.key_data(jax.random.key(seed + 10_000)))
+  if config.distill.enabled:  # the dense model teaches its pruned copy
+    teacher = ep.distillation.Teacher(ctx.model, dense.params, dense.batch_stats)
+    state, _ = ep.distillation.fit(ctx.model, tx, state, ctx.dataset,
+                                   ctx.fit_config(epochs, seed), teacher,
+                                   temperature=config.distill.temperature,
+                                   alpha=config.distill.alpha, workdir=ctx.workdir,
+                                   stage=stage)
+    return state
   return ctx.fit(tx, state, epochs, seed, stage)
 
 

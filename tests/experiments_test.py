@@ -164,6 +164,24 @@ class ExperimentsTest(parameterized.TestCase):
     per_layer = list(row["sparsity"]["per_layer"].values())
     self.assertGreater(max(per_layer) - min(per_layer), 0.01)  # not the uniform allocation
 
+  def test_finetune_by_distillation(self):
+    config = test_config.get_config()
+    config.seeds = (0,)
+    config.train.epochs = 2
+    config.finetune.epochs = 1
+    config.prune.methods = ("magnitude",)
+    config.distill.enabled = True
+    with tempfile.TemporaryDirectory() as workdir:
+      summary = pipeline.run(config, workdir)
+      stages = {p.name for p in (pathlib.Path(workdir) / "checkpoints" / "seed0").iterdir()}
+    self.assertIn("magnitude@0.9", stages)  # the distilled fine-tune's checkpoints
+    row = [r for r in summary["results"] if r["method"] == "magnitude"][0]
+    self.assertAlmostEqual(row["sparsity"]["global"], 0.9, delta=0.002)
+    self.assertGreater(row["val_accuracy"]["mean"], 0.2)  # 2 + 1 epochs; chance is 0.1
+    config.distill.alpha = 1.5
+    with self.assertRaisesRegex(ValueError, "alpha"):
+      pipeline.validate(config)
+
   def test_configs_validate(self):
     for config in (default.get_config(), test_config.get_config()):
       pipeline.validate(config)

@@ -113,7 +113,7 @@ def get_config() -> ml_collections.ConfigDict:
 
   # Knowledge distillation: fine-tune pruned/quantized students against the dense model.
   config.distill = ml_collections.ConfigDict()
-  config.distill.enabled = False
+  config.distill.enabled = False  # prune study: fine-tune against the dense model too
   config.distill.temperature = 4.0
   config.distill.alpha = 0.9
 
