@@ -294,18 +294,6 @@ def _out_hw(x_shape, window, strides, padding) -> tuple[int, int]:
                for a in range(2))
 
 
-def _patches(x: jax.Array, window: tuple[int, int], strides: tuple[int, int],
-             padding: tuple[tuple[int, int], ...], out_hw: tuple[int, int]) -> jax.Array:
-  """im2col in channel-major layout: [kh * kw * C, B * H' * W'], rows in (i, j, c) order.
-
-  The input is transposed to [C, B, H, W] first, so every tap is a block copy of whole
-  rows into the major axis of the result; gathering the taps into the minor axis of an
-  NHWC array (XLA concatenates element by element there) was 5-10x slower.
-  """
-  xt = jnp.pad(x.transpose(3, 0, 1, 2), ((0, 0), (0, 0), padding[0], padding[1]))
-  return _channel_major_patches(xt, window, strides, out_hw)
-
-
 def _channel_major_patches(xt: jax.Array, window: tuple[int, int], strides: tuple[int, int],
                            out_hw: tuple[int, int]) -> jax.Array:
   """im2col of padded channel-major xt [C, B, H + pads, W + pads]: [kh * kw * C, B * H' * W']."""
@@ -331,27 +319,62 @@ def _map_chunks(fn, x: jax.Array, num_chunks: int) -> jax.Array:
 # at a few GFLOP/s there), which use chunked im2col matmuls. Weight gradient: chunked
 # im2col matmuls (XLA transposes both operands in memory and then convolves).
 _SMALL_C_IN = 4
+# Input gradients with fewer channels than this also run as im2col matmuls (`_input_grad`).
+_SMALL_C_OUT = 8
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3))
 def _dense(x, kernel, strides, padding):
   if x.shape[-1] >= _SMALL_C_IN:
     return _conv_xla(x, kernel, strides=strides, padding=padding, groups=1)
+  return _dense_im2col(_channel_major_chunks(x, kernel.shape[:2], strides, padding), kernel,
+                       strides, _out_hw(x.shape, kernel.shape[:2], strides, padding))
+
+
+def _dense_im2col(xt: jax.Array, kernel: jax.Array, strides: tuple[int, int],
+                  out_hw: tuple[int, int]) -> jax.Array:
+  """Forward pass over channel-major chunks xt [n, C_in, B / n, H + pads, W + pads]:
+  each chunk's patch matrix times the kernel; -> [B, H', W', C_out]."""
   kh, kw, c_in, c_out = kernel.shape
-  out_hw = _out_hw(x.shape, (kh, kw), strides, padding)
+  num_chunks, _, size = xt.shape[:3]
   weights = kernel.reshape(kh * kw * c_in, c_out)
 
-  def forward(x):
-    patches = _patches(x, (kh, kw), strides, padding, out_hw)
-    y = lax.dot_general(weights, patches, (((0,), (0,)), ((), ())))  # [C_out, b*H'*W']
-    return y.reshape(c_out, x.shape[0], *out_hw).transpose(1, 2, 3, 0)
+  def forward(xc):
+    patches = _channel_major_patches(xc, (kh, kw), strides, out_hw)
+    return lax.dot_general(weights, patches, (((0,), (0,)), ((), ())))  # [C_out, b*H'*W']
 
-  num_chunks = _chunks(x.shape[0], math.prod(out_hw) * kh * kw * c_in * x.dtype.itemsize)
-  return _map_chunks(forward, x, num_chunks)
+  y = forward(xt[0])[None] if num_chunks == 1 else lax.map(forward, xt)
+  # One transpose of the whole output back to NHWC.
+  y = y.reshape(num_chunks, c_out, size, *out_hw).transpose(0, 2, 3, 4, 1)
+  return y.reshape(num_chunks * size, *out_hw, c_out)
+
+
+def _channel_major_chunks(x: jax.Array, window: tuple[int, int], strides: tuple[int, int],
+                          padding: tuple[tuple[int, int], ...]) -> jax.Array:
+  """x [B, H, W, C] as padded channel-major batch chunks [n, C, B / n, H + pads, W + pads].
+
+  One transpose-and-pad pass over x before the loop over chunks, so each iteration reads
+  its chunk as one contiguous block; transposing inside the loop (a strided slice of the
+  batch per chunk) cost up to 1.3x more (16->16 3x3 weight gradient at 32x32, batch 128,
+  one core: 22 -> 17 ms; RGB 3x3 forwards 10-20% less). The chunk size (a quarter of
+  `_CHUNK_BYTES` of patches) depends only on the shapes, so the forward pass and the weight
+  gradient of a convolution split the batch alike (measured 256 KiB < 1 MiB < 4 MiB).
+  """
+  (kh, kw), c = window, x.shape[-1]
+  out_hw = _out_hw(x.shape, window, strides, padding)
+  num_chunks = _chunks(x.shape[0], math.prod(out_hw) * kh * kw * c * x.dtype.itemsize,
+                       _CHUNK_BYTES // 4)
+  xt = x.reshape(num_chunks, x.shape[0] // num_chunks, *x.shape[1:]).transpose(0, 4, 1, 2, 3)
+  return jnp.pad(xt, ((0, 0), (0, 0), (0, 0), padding[0], padding[1]))
 
 
 def _dense_fwd(x, kernel, strides, padding):
-  return _dense(x, kernel, strides, padding), (x, kernel)
+  if x.shape[-1] >= _SMALL_C_IN:
+    return _dense(x, kernel, strides, padding), (x, None, kernel)
+  # The weight gradient reuses the forward pass's channel-major chunks.
+  xt = _channel_major_chunks(x, kernel.shape[:2], strides, padding)
+  out_hw = _out_hw(x.shape, kernel.shape[:2], strides, padding)
+  return _dense_im2col(xt, kernel, strides, out_hw), (x, xt, kernel)
 
 
 def _input_grad(g, kernel, x_shape, strides, padding):
@@ -370,41 +393,47 @@ def _input_grad(g, kernel, x_shape, strides, padding):
                                             strides):
     before = k - 1 - low
     pads.append((before, size + k - 1 - ((out - 1) * stride + 1 + before)))
+  pads = tuple(pads)
+  if (kernel.shape[2] < _SMALL_C_OUT and strides == (1, 1)
+      and all(p >= 0 for pair in pads for p in pair)):
+    # Few input channels (e.g. LeNet-5's 6): Eigen's convolution writing 6 output
+    # channels ran at ~10 GFLOP/s (16->6 5x5 at 14x14, batch 128: 5.8 ms on one core);
+    # im2col of g and one matmul per chunk, as the RGB forward pass.
+    window = (kh, kw)
+    return _dense_im2col(_channel_major_chunks(g, window, (1, 1), pads), flipped, (1, 1),
+                         tuple(x_shape[1:3]))
   return lax.conv_general_dilated(g, flipped, (1, 1), pads, lhs_dilation=strides,
                                   dimension_numbers=_NHWC)
 
 
 def _dense_bwd(strides, padding, residuals, g):
-  x, kernel = residuals
-  kh, kw, c_in, c_out = kernel.shape
-  out_hw = g.shape[1:3]
+  x, xt, kernel = residuals
   dx = _input_grad(g, kernel, x.shape, strides, padding)
-
-  dk = _dense_weight_grad(x, g, (kh, kw), strides, padding)
+  if xt is None:
+    xt = _channel_major_chunks(x, kernel.shape[:2], strides, padding)
+  dk = _dense_weight_grad(xt, g, kernel.shape[:2], strides)
   return dx, dk.reshape(kernel.shape).astype(kernel.dtype)
 
 
-def _dense_weight_grad(x: jax.Array, g: jax.Array, window: tuple[int, int],
-                       strides: tuple[int, int], padding: tuple[tuple[int, int], ...]
-                       ) -> jax.Array:
+def _dense_weight_grad(xt: jax.Array, g: jax.Array, window: tuple[int, int],
+                       strides: tuple[int, int]) -> jax.Array:
   """dL/dkernel of a dense convolution as [kh * kw * C_in, C_out], rows in (i, j, c) order.
 
-  x [B, H, W, C_in] is laid out once as padded channel-major batch chunks
-  [n, C_in, B / n, H + pads, W + pads] (one transpose-and-pad pass over x), so the scan
-  over chunks reads each chunk as one contiguous block; each chunk's patch matrix
-  [kh * kw * C_in, (B / n) * H' * W'] then meets g's chunk [(B / n) * H' * W', C_out] in a
-  plain matmul. Transposing inside the loop instead (a strided dynamic slice of the
-  whole channel-major batch, then the patches) cost 1.3x more at 32x32x16 (one core:
-  22 ms -> 17 ms for a 16->16 3x3 weight gradient, batch 128). Chunks are a quarter of
-  `_CHUNK_BYTES`: smaller patch matrices stayed in cache (measured 256 KiB < 1 MiB < 4 MiB).
+  Args:
+    xt: the input as `_channel_major_chunks` [n, C_in, B / n, H + pads, W + pads].
+    g: [B, H', W', C_out] output cotangent.
+    window: (kh, kw).
+    strides: (sh, sw).
+
+  Returns:
+    The sum over the n chunks of each chunk's patch matrix
+    [kh * kw * C_in, (B / n) * H' * W'] times g's chunk [(B / n) * H' * W', C_out]: plain
+    matmuls (XLA's own weight-gradient convolution transposes both operands in memory and
+    ran 10-100x slower inside `lax.scan`).
   """
-  (kh, kw), (ho, wo) = window, g.shape[1:3]
-  b, _, _, c_in = x.shape
-  c_out = g.shape[-1]
-  num_chunks = _chunks(b, ho * wo * kh * kw * c_in * x.dtype.itemsize, _CHUNK_BYTES // 4)
-  size = b // num_chunks
-  xt = x.reshape(num_chunks, size, *x.shape[1:]).transpose(0, 4, 1, 2, 3)
-  xt = jnp.pad(xt, ((0, 0), (0, 0), (0, 0), padding[0], padding[1]))
+  kh, kw = window
+  num_chunks, c_in, size = xt.shape[:3]
+  ho, wo, c_out = g.shape[1:]
   gt = g.reshape(num_chunks, size * ho * wo, c_out)
 
   def add_chunk(total, chunk):
