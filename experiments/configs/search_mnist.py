@@ -12,24 +12,26 @@ Launch:
   python -m experiments.main --config=experiments/configs/search_mnist.py \
       --config.data.dir=../shared/data/mnist --workdir=runs/search_mnist
 
-Expected runtime: 13 minutes measured on a 2-core CPU shared with other jobs (load ~7); 3
-seeds: dense training 3 x 10 epochs, 9 searches of 25 generations x 32 candidates (about
-50 s each), 36 two-epoch fine-tunes.
+Expected runtime: 6.5 minutes measured on a 2-core CPU shared with other jobs (load ~8); 3
+seeds: dense training 3 x 10 epochs (one vmapped program, `config.train.
+seeds_in_one_program='auto'`), 9 searches of 25 generations x 32 candidates (the first
+dense layer computed once per search, see `evoprune.search.fitness`), 36 two-epoch
+fine-tunes.
 Expected result (measured, mean over seeds 0-2, validation / test accuracy):
   dense                      0.980 / 0.983
-  one-shot @0.90  uniform 0.729 / 0.739, global 0.955 / 0.960, ERK 0.956 / 0.959,
-                  evolutionary 0.960 / 0.962
-  one-shot @0.95  uniform 0.520 / 0.528, global 0.886 / 0.896, ERK 0.877 / 0.886,
-                  evolutionary 0.907 / 0.913
-  one-shot @0.98  uniform 0.266 / 0.273, global 0.538 / 0.543, ERK 0.548 / 0.558,
-                  evolutionary 0.641 / 0.643
-  +2 epochs fine-tuning (val at 0.90 / 0.95 / 0.98): uniform 0.967 / 0.953 / 0.805;
-  global 0.975 / 0.966 / 0.939; ERK 0.974 / 0.968 / 0.947; evolutionary 0.975 / 0.968 /
-  0.947 (test: ERK and evolutionary within 0.001 of each other at every target).
+  one-shot @0.90  uniform 0.719 / 0.727, global 0.954 / 0.961, ERK 0.954 / 0.961,
+                  evolutionary 0.959 / 0.963
+  one-shot @0.95  uniform 0.477 / 0.493, global 0.886 / 0.896, ERK 0.875 / 0.886,
+                  evolutionary 0.903 / 0.912
+  one-shot @0.98  uniform 0.241 / 0.246, global 0.550 / 0.561, ERK 0.524 / 0.533,
+                  evolutionary 0.611 / 0.618
+  +2 epochs fine-tuning (val at 0.90 / 0.95 / 0.98): uniform 0.967 / 0.952 / 0.792;
+  global 0.975 / 0.966 / 0.939; ERK 0.974 / 0.968 / 0.947; evolutionary 0.975 / 0.967 /
+  0.945 (test: ERK and evolutionary within 0.001 of each other at every target).
 The search's fitness is computed on the validation split, so the evolutionary validation
 numbers are selected on it; the test column is the unbiased comparison, and there too the
-evolutionary allocation beats the best heuristic one-shot at every target (+0.2, +1.7 and
-+8.5 points). It prunes the 784x300 input layer hardest and keeps more of the small
+evolutionary allocation beats the best heuristic one-shot at every target (+0.2, +1.6 and
++5.7 points). It prunes the 784x300 input layer hardest and keeps more of the small
 layers; after fine-tuning it ties ERK.
 
 The search settings are default.py's `config.search` (override any, e.g.
