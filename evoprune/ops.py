@@ -27,9 +27,12 @@ The formulations:
     to YNNPACK or Eigen) and compute the weight gradient as im2col matmuls summed over
     small batch chunks with `lax.scan`, each chunk's patch matrix built channel-major
     (cheap block copies) while it stays in cache (XLA's own weight-gradient convolution
-    transposes both operands in memory first); inputs with fewer than 4 channels (RGB)
+    transposes both operands in memory first), the input laid out once as padded
+    channel-major chunks before the loop; inputs with fewer than 4 channels (RGB)
     also run the forward pass as chunked im2col matmuls (Eigen's direct convolution
-    reaches a few GFLOP/s there);
+    reaches a few GFLOP/s there), and, when the process has a single core, input
+    gradients with fewer than 8 channels too (on two cores Eigen's multithreaded
+    convolution wins);
   - 1x1 convolutions are matmuls, the weight gradient again summed over batch chunks;
   - depthwise convolutions are sums of kh*kw shifted, channel-scaled views of the input
     (one loop fusion), their weight gradient per-tap reductions over batch chunks;
@@ -262,6 +265,13 @@ def _conv_xla(x, kernel, *, strides, padding, groups):
                                   feature_group_count=groups)
 
 
+def _usable_cores() -> int:
+  """CPU cores this process may run on (XLA:CPU sizes its thread pool by them)."""
+  if hasattr(os, "sched_getaffinity"):
+    return len(os.sched_getaffinity(0))
+  return os.cpu_count() or 1
+
+
 def _chunks(batch: int, bytes_per_example: int, chunk_bytes: int | None = None) -> int:
   """Number of equal batch chunks so that each holds about `chunk_bytes` (`_CHUNK_BYTES`)."""
   chunk_bytes = _CHUNK_BYTES if chunk_bytes is None else chunk_bytes
@@ -319,7 +329,8 @@ def _map_chunks(fn, x: jax.Array, num_chunks: int) -> jax.Array:
 # at a few GFLOP/s there), which use chunked im2col matmuls. Weight gradient: chunked
 # im2col matmuls (XLA transposes both operands in memory and then convolves).
 _SMALL_C_IN = 4
-# Input gradients with fewer channels than this also run as im2col matmuls (`_input_grad`).
+# On one core, input gradients with fewer channels than this also run as im2col matmuls
+# (`_input_grad`).
 _SMALL_C_OUT = 8
 
 
@@ -394,11 +405,14 @@ def _input_grad(g, kernel, x_shape, strides, padding):
     before = k - 1 - low
     pads.append((before, size + k - 1 - ((out - 1) * stride + 1 + before)))
   pads = tuple(pads)
-  if (kernel.shape[2] < _SMALL_C_OUT and strides == (1, 1)
+  if (kernel.shape[2] < _SMALL_C_OUT and strides == (1, 1) and _usable_cores() == 1
       and all(p >= 0 for pair in pads for p in pair)):
     # Few input channels (e.g. LeNet-5's 6): Eigen's convolution writing 6 output
     # channels ran at ~10 GFLOP/s (16->6 5x5 at 14x14, batch 128: 5.8 ms on one core);
-    # im2col of g and one matmul per chunk, as the RGB forward pass.
+    # im2col of g and one matmul per chunk, as the RGB forward pass: LeNet-5's step
+    # 20.8 -> 17.8 ms on one core. Only on one core: the chunks run one after another,
+    # while Eigen's convolution uses every core, and on two cores the step went
+    # 19.8 -> 23.2 ms.
     window = (kh, kw)
     return _dense_im2col(_channel_major_chunks(g, window, (1, 1), pads), flipped, (1, 1),
                          tuple(x_shape[1:3]))

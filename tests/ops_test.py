@@ -84,6 +84,21 @@ class ConvTest(parameterized.TestCase):
     for a, b in zip(jax.tree.leaves(chunked), jax.tree.leaves(whole)):
       _assert_close(self, a, b)
 
+  @parameterized.named_parameters(("one_core", 1), ("two_cores", 2))
+  def test_few_channel_input_gradient_on_any_core_count(self, cores):
+    # One core: im2col matmuls of the cotangent; more: XLA's convolution. Same values.
+    x, kernel = _random((2, 9, 9, 6), 15), _random((5, 5, 6, 7), 16)
+    padding = ((2, 1), (0, 2))
+    _, (dx_ref, _) = _value_and_vjp(
+        lambda x, k: _reference_conv(x, k, (1, 1), padding, 1), x, kernel)
+    fn = lambda x, k: ops.conv(x, k, (1, 1), padding, impl="cpu")
+    with mock.patch.object(ops, "_usable_cores", return_value=cores):
+      jaxpr = str(jax.make_jaxpr(lambda x, k: _value_and_vjp(fn, x, k))(x, kernel))
+      _, (dx, _) = _value_and_vjp(fn, x, kernel)
+    # The forward and the input gradient: 2 convolutions with XLA's, 1 with im2col.
+    self.assertEqual(jaxpr.count("conv_general_dilated["), 1 if cores == 1 else 2)
+    _assert_close(self, dx, dx_ref)
+
   def test_chunks_divide_the_batch(self):
     chunks = ops._chunks  # pylint: disable=protected-access
     with mock.patch.object(ops, "_CHUNK_BYTES", 1000):
