@@ -56,6 +56,11 @@ _CONVS = (
 
 class ConvTest(parameterized.TestCase):
 
+  def setUp(self):
+    super().setUp()
+    # On GPUs the reference convolutions default to TF32; compare at full float32.
+    self.enter_context(jax.default_matmul_precision("highest"))
+
   @parameterized.named_parameters(*_CONVS)
   def test_value_and_gradients_match_lax(self, x_shape, k_shape, strides, padding, groups):
     x, kernel = _random(x_shape, 0), _random(k_shape, 1)
