@@ -192,6 +192,9 @@ class FitnessTest(TestCase):
                        float(plain_fn(candidate, context)))
 
   def test_shared_first_layer_equals_the_masked_forward_pass(self):
+    # The prefix sums are exact float32 products; compare with full-precision matmuls
+    # (accelerators default to reduced-precision ones).
+    self.enter_context(jax.default_matmul_precision("highest"))
     apply_fn, params, scores, x, y = tiny_problem()
     budget = S.sparsity_budget(0.7, scores, upper=0.95)
     shared_fn, shared = S.make_fitness(apply_fn, params, scores, x, y, metric="loss",
