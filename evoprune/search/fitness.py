@@ -18,7 +18,7 @@ linen `nn.Dense` applied to the (flattened) input batch itself, as in every MLP,
 candidate's first-layer output is read from sums computed once. The masks of all
 candidates are nested (each keeps the highest-ranked entries of every column), so column j
 of a candidate that keeps n_j entries is the sum of the first n_j terms x[:, i] * W[i, j] in
-rank order: a prefix sum `prefix[:, n_j, j]`. The context holds these prefix sums for the
+rank order: a prefix sum `prefix[n_j, :, j]`. The context holds these prefix sums for the
 kept counts the budget allows (`make_fitness(..., budget=...)`), and the candidate's
 forward pass takes them instead of the layer's matmul (via `nn.intercept_methods`). For
 LeNet-300-100 on a global-sparsity budget of 0.9 this removes 88% of each candidate's
@@ -162,7 +162,7 @@ def _first_dense_path(apply_fn: ApplyFn, params: Params, ranks: Any, x: jax.Arra
   module_path, calls = names[:-1], []
 
   def record(next_fun, args, kwargs, context):
-    if context.method_name == "__call__" and tuple(context.module.path) == module_path:
+    if _calls(context, module_path):
       calls.append((context.module, args))
     return next_fun(*args, **kwargs)
 
@@ -223,15 +223,20 @@ def _first_layer_output(first: FirstLayer, rank: jax.Array, candidate_sparsity: 
                         ) -> jax.Array:
   """[B, out]: the candidate's first-layer output, read from the prefix sums."""
   pruned = jnp.maximum(num_pruned(candidate_sparsity, rank.size), first.min_pruned)
-  kept = jnp.sum(rank >= pruned, axis=0)  # [out] entries kept in each column
-  kept = jnp.minimum(kept, first.prefix.shape[0] - 1)
+  # [out] entries kept in each column; at most m, since `pruned` >= the feasible minimum.
+  kept = jnp.sum(rank >= pruned, axis=0)
   return jnp.take_along_axis(first.prefix, kept[None, None, :], axis=0)[0] + first.bias
+
+
+def _calls(context: Any, module_path: tuple[str, ...]) -> bool:
+  """Whether an intercepted method call is the `__call__` of the module at `module_path`."""
+  return context.method_name == "__call__" and tuple(context.module.path) == module_path
 
 
 def _replacing_call(module_path: tuple[str, ...], output: jax.Array) -> Callable:
   """A method interceptor: the module at `module_path` returns `output` instead."""
   def interceptor(next_fun, args, kwargs, context):
-    if context.method_name == "__call__" and tuple(context.module.path) == module_path:
+    if _calls(context, module_path):
       return output
     return next_fun(*args, **kwargs)
   return interceptor
