@@ -21,36 +21,37 @@ speedup = dense / format at batch 256; with --breakdown also "resnet20_convs" (s
 at batch 256 for thesis_cnn and resnet20 (their MACs fall ~3.4x and ~4x). On XLA:CPU
 sparse formats lose to dense unless the layer is extremely sparse; the table says so.
 
-Measured (shared 2-core AVX-512 CPU, load 4-9, several runs): shrunk at 0.5 is 2.2-3.5x
-faster for thesis_cnn (target met) but only 1.6-2.1x (typically 1.8-1.9x) for resnet20,
-so the ResNet-20 target is NOT met on XLA:CPU. masked and bcoo stay at ~1.0x on the CNNs;
-on LeNet-300-100 bcoo is 50-100x slower than dense at 0.5-0.8 and only catches up at 0.99.
+Measured on the 2-core AVX-512 CPU (`--models=thesis_cnn,resnet20 --sparsities=0.5`):
 
-Why ResNet-20 stops at ~1.85x (`--breakdown` prints the numbers; one run, batch 256, ms,
-dense widths -> shrunk widths, each pair timed side by side):
+  machine                     thesis_cnn shrunk   resnet20 shrunk   (dense = 1, batch 256)
+  idle (load < 1), 3-4 runs   3.60-3.68x          2.04-2.21x        both targets met
+  shared (load 4-9), earlier  2.2-3.5x            1.6-2.1x (mostly 1.8-1.9x)
 
-  part (count in the network)          dense   shrunk  ratio   (MACs ratio 4; BN/ReLU 2)
-  3x3 conv 16->16 / 8->8 at 32x32 (6)   37.6    27.5    1.37
-  3x3 conv 32->32 / 16->16 at 16x16 (5) 19.9    11.9    1.67
-  3x3 conv 64->64 / 32->32 at 8x8 (5)   20.2     6.4    3.18
-  stem 3->16 / 3->8, stride-2 convs     66.5    36.5    1.8
-  BN affine + ReLU (+ residual) (28)   162      88      1.85
-  whole network                        639     355      1.80
+so both targets are met on a quiet machine, ResNet-20's with a thin margin that other
+processes on the two cores take away. masked and bcoo stay at ~1.0x on the CNNs; on
+LeNet-300-100 bcoo is 50-100x slower than dense at 0.5-0.8 and only catches up at 0.99.
 
-XLA:CPU's 3x3 convolution throughput collapses at few channels: 7-7.5 GMAC/s for 8->8
-at 32x32 against 12-22 for 16->16 and 30-65 for 32->32 or 64->64 (a second run:
-1.37x / 1.61x / 3.16x for the three conv pairs, whole network 1.81x), so the shrunk stage 1
-(7 of 19 convolutions, now half of the shrunk network's time) gains 1.4x instead of 4x,
-and normalisation and ReLU only scale with channels (2x). The shrunk widths are already
-aligned (8/16/32) and its shortcuts are plain zero padding (no gather). Evaluating in
-batch chunks helps dense more (the ratio falls to 1.7x). Packing 2-8 images into channels
-with a block-diagonal kernel, channel-major im2col matmuls, NCHW, padding 8 channels to
-16, per-tap matmuls, a fused broadcast multiply-add and Winograd F(2x2, 3x3) written in
-jax.numpy all ran 8->8 at 0.2-1.1x of XLA's convolution. The XLA flags
-xla_cpu_use_xnnpack, xla_cpu_use_onednn and xla_cpu_experimental_ynn_fusion_type=
-LIBRARY_FUSION_TYPE_INDIVIDUAL_CONVOLUTION left the 8->8 / 16->16 ratio at 1.5-1.7x. Meeting 2x needs an 8->8 3x3 forward ~1.3x faster than
-XLA's (2.6x overall if it scaled with MACs): a direct small-channel convolution in
-`evoprune.ops`, which no JAX formulation measured here provides.
+Why ResNet-20's margin is thin (`--breakdown` times each 3x3 conv size at dense and half
+widths side by side; batch 256, ms per convolution, idle machine):
+
+  conv (count in the network)        dense   shrunk  ratio   GMAC/s dense / shrunk
+  16->16 / 8->8 at 32x32 (6)         14.3     9.1    1.56    42 / 17
+  32->32 / 16->16 at 16x16 (5)       15.7     3.7    4.22    38 / 41
+  64->64 / 32->32 at 8x8 (5)         13.3     4.1    3.21    45 / 36
+
+XLA:CPU's 3x3 convolution throughput collapses at 8 channels (on the loaded machine 7
+GMAC/s against 30-65 at 32-64 channels: stage-1 ratio 1.37x, whole network 1.80x), so the
+shrunk stage 1 gains ~1.5x instead of 4x, and normalisation and ReLU only scale with
+channels (2x). The shrunk widths are already aligned (8/16/32) and its shortcuts are plain
+zero padding (no gather). Evaluating in batch chunks helps dense more (the ratio falls to
+1.7x). Packing 2-8 images into channels with a block-diagonal kernel, channel-major im2col
+matmuls, NCHW, padding 8 channels to 16, per-tap matmuls, a fused broadcast multiply-add,
+Winograd F(2x2, 3x3) and space-to-depth (8->8 3x3 as a 2x2 32->32 convolution or matmul)
+written in jax.numpy all ran 8->8 at 0.1-1.1x of XLA's convolution; the XLA flags
+xla_cpu_use_xnnpack, xla_cpu_use_onednn (+ xla_cpu_experimental_onednn_custom_call: the
+oneDNN rewriter does not take convolutions in this jaxlib) and
+xla_cpu_experimental_ynn_fusion_type=LIBRARY_FUSION_TYPE_INDIVIDUAL_CONVOLUTION left the
+8->8 / 16->16 ratio at 1.5-1.7x.
 """
 
 from collections.abc import Callable
