@@ -1,9 +1,9 @@
-"""Knowledge distillation (Hinton, Vinyals and Dean 2015): loss and teacher-student training.
+"""Knowledge distillation (Hinton, Vinyals and Dean 2015): the loss, as a training objective.
 
     teacher = ep.distillation.Teacher(dense_model, dense_state.params)
-    step = functools.partial(ep.distillation.distill_step, model=student, tx=tx,
-                             teacher=teacher, temperature=4.0, alpha=0.9)
-    state, metrics = jax.jit(step)(state, x, y, teacher.variables)
+    objective, objective_args = ep.distillation.objective(teacher, temperature=4.0, alpha=0.9)
+    state, metrics = ep.training.fit(student, tx, state, dataset, config,
+                                     objective=objective, objective_args=objective_args)
 
 The loss is `alpha * T^2 * KL(softmax(t / T) || softmax(s / T)) + (1 - alpha) * CE(s, y)`
 for student logits s, teacher logits t and temperature T. The T^2 factor keeps the soft
@@ -12,24 +12,18 @@ term's gradients on the scale of the hard term's as T changes (Hinton et al. sec
 The student is any model with its own params: a pruned copy of the teacher (its optimizer a
 `Pruner.wrap(...)`, so masks keep pruned weights at zero), a shrunk network
 (`surgery.shrink`), or a fake-quant model (`quantization.qat`). The teacher runs in
-inference mode and gets no gradient. `fit` trains a `training.TrainState` for whole epochs,
-each one compiled call (a scan over the epoch's batches), checkpointing at the end of each
-epoch so a restarted run resumes.
+inference mode on the student's (augmented) batch and gets no gradient. Training is
+`training.fit`'s loop (resumable checkpoints, metrics events, the NaN stop); the objective
+only replaces its loss.
 """
 
-import pathlib
-from collections.abc import Mapping
-from typing import Any, Callable, NamedTuple
+import dataclasses
+from typing import Any, NamedTuple
 
-import flax.linen as nn
 import jax
 import jax.numpy as jnp
-import numpy as np
 import optax
-import orbax.checkpoint as ocp
 
-from evoprune import data as data_lib
-from evoprune import training
 from evoprune.types import Params
 
 
@@ -78,110 +72,43 @@ class Teacher(NamedTuple):
 
   @property
   def variables(self) -> dict[str, Any]:
-    """The teacher's variables: pass them to the compiled step as an argument."""
+    """The teacher's variables, a traced argument of the compiled step (`objective_args`)."""
     return {"params": self.params, **({"batch_stats": self.batch_stats}
                                       if self.batch_stats else {})}
 
 
-def distill_step(state: training.TrainState, x: jax.Array, y: jax.Array,
-                 teacher_variables: Mapping[str, Any], *, model: nn.Module,
-                 tx: optax.GradientTransformation, teacher: Teacher, temperature: float = 4.0,
-                 alpha: float = 0.9,
-                 augment: Callable[[jax.Array, jax.Array], jax.Array] | None = None
-                 ) -> tuple[training.TrainState, dict[str, jax.Array]]:
-  """One student update on a batch x [B, ...], y [B]. Pure; compile it with `jax.jit`.
+@dataclasses.dataclass(frozen=True)
+class _KdObjective:
+  """`training.train_step`'s objective: `kd_loss` against the teacher's logits on the batch.
 
-  `teacher_variables` (normally `teacher.variables`) is an argument rather than a closed-over
-  constant, so large teachers are not baked into the compiled program; `teacher` supplies
-  only the model.
+  It holds the teacher's model and the two floats, not its arrays, so it hashes by value
+  (`make_train_epoch` reuses the compiled program) and the variables stay a traced argument.
   """
-  key = jax.random.fold_in(state.key, state.step)
-  augment_key, dropout_key = jax.random.split(key)
-  if augment is not None:
-    x = augment(augment_key, x)
-  teacher_logits = teacher.model.apply(teacher_variables, x, train=False)
+  teacher_model: Any
+  temperature: float
+  alpha: float
 
-  def loss_fn(params):
-    logits, batch_stats = training.apply_model(model, params, state.batch_stats, x,
-                                               train=True, key=dropout_key)
-    loss = kd_loss(logits, teacher_logits, y, temperature=temperature, alpha=alpha)
-    return loss, (logits, batch_stats)
-
-  (loss, (logits, batch_stats)), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
-  updates, opt_state = tx.update(grads, state.opt_state, state.params)
-  params = optax.apply_updates(state.params, updates)
-  metrics = {"loss": loss, "accuracy": jnp.mean(jnp.argmax(logits, -1) == y)}
-  return state.replace(step=state.step + 1, params=params, batch_stats=batch_stats,
-                       opt_state=opt_state), metrics
+  def __call__(self, logits: jax.Array, labels: jax.Array, x: jax.Array,
+               teacher_variables: Any) -> jax.Array:
+    teacher_logits = self.teacher_model.apply(teacher_variables, x, train=False)
+    return kd_loss(logits, teacher_logits, labels, temperature=self.temperature,
+                   alpha=self.alpha)  # kd_loss stops the gradient into the teacher
 
 
-def make_distill_epoch(model: nn.Module, tx: optax.GradientTransformation, teacher: Teacher, *,
-                       temperature: float = 4.0, alpha: float = 0.9,
-                       augment: Callable | None = None) -> Callable:
-  """Returns `epoch(state, x, y, batch_indices, teacher_variables) -> (state, metrics)`.
+def objective(teacher: Teacher, temperature: float = 4.0, alpha: float = 0.9
+              ) -> tuple[_KdObjective, dict[str, Any]]:
+  """The `(objective, objective_args)` of `training.fit` for learning from `teacher`.
 
-  Compiled once; like `training.make_train_epoch`, a whole epoch is one scan over
-  `batch_indices` [steps, B] into the device-resident split x [N, ...], y [N]; the state
-  is donated.
-  """
-  check_hyperparameters(temperature, alpha)
-
-  def epoch(state, x, y, batch_indices, teacher_variables):
-    def body(state, idx):
-      return distill_step(state, x[idx], y[idx], teacher_variables, model=model, tx=tx,
-                          teacher=teacher, temperature=temperature, alpha=alpha,
-                          augment=augment)
-    return jax.lax.scan(body, state, batch_indices)
-
-  return jax.jit(epoch, donate_argnums=(0,))
-
-
-def fit(model: nn.Module, tx: optax.GradientTransformation, state: training.TrainState,
-        dataset: data_lib.Dataset, config: training.FitConfig, teacher: Teacher, *,
-        temperature: float = 4.0, alpha: float = 0.9,
-        workdir: str | pathlib.Path | None = None, stage: str = "distill"
-        ) -> tuple[training.TrainState, dict]:
-  """Trains the student `state` against `teacher` for `config.epochs` epochs.
-
-  With a `workdir`, the state is checkpointed under `workdir/checkpoints/<stage>` after
-  every epoch and a restarted run resumes from the latest one.
+  Args:
+    teacher: the trained model; its model must be hashable (linen modules are).
+    temperature, alpha: as for `kd_loss`.
 
   Returns:
-    The final state and {'val_loss', 'val_accuracy', 'train_loss', 'epoch', ...}.
+    The objective (hashable, the teacher's model and the hyperparameters) and its
+    arguments, the teacher's variables.
+
+  Raises:
+    ValueError: a temperature <= 0 or an alpha outside [0, 1].
   """
   check_hyperparameters(temperature, alpha)
-  steps_per_epoch = data_lib.steps_per_epoch(dataset.train, config.batch_size)
-  x_train, y_train = jnp.asarray(dataset.train.x), jnp.asarray(dataset.train.y)
-  epoch_fn = make_distill_epoch(model, tx, teacher, temperature=temperature, alpha=alpha,
-                                augment=data_lib.augment if config.augment else None)
-  manager = None
-  if workdir is not None:
-    manager = ocp.CheckpointManager(
-        (pathlib.Path(workdir) / "checkpoints" / stage).absolute(),
-        options=ocp.CheckpointManagerOptions(max_to_keep=1, create=True))
-    if manager.latest_step() is not None:
-      state = manager.restore(manager.latest_step(), args=ocp.args.StandardRestore(state))
-  state = jax.tree.map(jnp.copy, state)  # the epoch donates its input; keep the caller's
-  losses = np.zeros(0)
-  try:
-    for epoch in range(int(state.step) // steps_per_epoch, config.epochs):
-      batch_indices = data_lib.epoch_batch_indices(len(dataset.train.y), config.batch_size,
-                                                   seed=config.seed, epoch=epoch)
-      state, metrics = epoch_fn(state, x_train, y_train, jnp.asarray(batch_indices),
-                                teacher.variables)
-      losses = np.asarray(metrics["loss"])
-      if not np.all(np.isfinite(losses)):
-        raise training.NonFiniteLossError(
-            f"{stage}: non-finite distillation loss in epoch {epoch}; lower the learning "
-            "rate or the temperature.")
-      if manager is not None:
-        manager.save(int(state.step), args=ocp.args.StandardSave(state))
-  finally:
-    if manager is not None:
-      manager.wait_until_finished()
-      manager.close()
-  val = training.make_evaluate(model)(state.params, state.batch_stats,
-                                      jnp.asarray(dataset.val.x), jnp.asarray(dataset.val.y))
-  return state, {"stage": stage, "epoch": config.epochs, "step": int(state.step),
-                 "train_loss": float(losses.mean()) if losses.size else float("nan"),
-                 "val_loss": float(val["loss"]), "val_accuracy": float(val["accuracy"])}
+  return _KdObjective(teacher.model, float(temperature), float(alpha)), teacher.variables

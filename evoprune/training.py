@@ -5,7 +5,8 @@ the device and the epoch's shuffled batch indices (from `evoprune.data.epoch_bat
 are scanned with `lax.scan`, so there is no host round-trip or Python dispatch per step. The
 optimizer may be any optax `GradientTransformation`, including `evoprune.Pruner.wrap(...)`,
 whose masks live in the optimizer state: checkpointing and resuming need nothing special for
-pruning.
+pruning. The loss is cross-entropy unless an `objective` replaces it (e.g.
+`distillation.objective`: a teacher's soft targets).
 
 Scale-out (see `evoprune.parallel`): `fit(..., mesh=...)` trains data-parallel over a device
 mesh (the same program, the batch split over devices, the state replicated or sharded by a
@@ -151,11 +152,23 @@ def apply_model(model: nn.Module, params: Params, batch_stats: Any, x: jax.Array
   return model.apply(variables, x, train=True, rngs=rngs), batch_stats
 
 
+Objective = Callable[[jax.Array, jax.Array, jax.Array, Any], jax.Array]
+
+
 def train_step(state: TrainState, x: jax.Array, y: jax.Array, *, model: nn.Module,
                tx: optax.GradientTransformation, label_smoothing: float = 0.0,
-               augment: Callable[[jax.Array, jax.Array], jax.Array] | None = None
+               augment: Callable[[jax.Array, jax.Array], jax.Array] | None = None,
+               objective: Objective | None = None, objective_args: Any = None
                ) -> tuple[TrainState, dict[str, jax.Array]]:
-  """One optimizer step on a batch x [B, ...], y [B]. Pure; compile it with `jax.jit`."""
+  """One optimizer step on a batch x [B, ...], y [B]. Pure; compile it with `jax.jit`.
+
+  The loss is `cross_entropy(logits, y, label_smoothing)` unless an `objective(logits, y,
+  x, objective_args) -> scalar` replaces it (`label_smoothing` is then unused). It gets the
+  batch x as the model saw it (augmented), so a teacher can run on the same inputs
+  (`distillation.objective`), and `objective_args`, a pytree traced like the state: large
+  arrays (a teacher's variables) go there rather than into the compiled program as
+  constants. The metrics are {'loss', 'accuracy'} either way.
+  """
   key = jax.random.fold_in(state.key, state.step)
   augment_key, dropout_key = jax.random.split(key)
   if augment is not None:
@@ -163,8 +176,12 @@ def train_step(state: TrainState, x: jax.Array, y: jax.Array, *, model: nn.Modul
 
   def loss_fn(params):
     logits, batch_stats = apply_model(model, params, state.batch_stats, x, train=True,
-                                 key=dropout_key)
-    return cross_entropy(logits, y, label_smoothing), (logits, batch_stats)
+                                      key=dropout_key)
+    if objective is None:
+      loss = cross_entropy(logits, y, label_smoothing)
+    else:
+      loss = objective(logits, y, x, objective_args)
+    return loss, (logits, batch_stats)
 
   (loss, (logits, batch_stats)), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
   updates, opt_state = tx.update(grads, state.opt_state, state.params)
@@ -175,17 +192,27 @@ def train_step(state: TrainState, x: jax.Array, y: jax.Array, *, model: nn.Modul
 
 
 def _epoch_fn(model: nn.Module, tx: optax.GradientTransformation, label_smoothing: float,
-              augment: Callable | None, mesh: jax.sharding.Mesh | None) -> Callable:
-  """The uncompiled `train_epoch(state, x, y, batch_indices)`: a scan of train steps."""
+              augment: Callable | None, mesh: jax.sharding.Mesh | None,
+              objective: Objective | None) -> Callable:
+  """The uncompiled `train_epoch(state, x, y, batch_indices, objective_args)`: a scan of
+  train steps."""
   step = functools.partial(train_step, model=model, tx=tx, label_smoothing=label_smoothing,
-                           augment=augment)
+                           augment=augment, objective=objective)
 
-  def train_epoch(state, x, y, batch_indices):
+  def train_epoch(state, x, y, batch_indices, objective_args=None):
     def body(state, idx):
       xb, yb = x[idx], y[idx]
       if mesh is not None:  # the gathered batch stays split over the devices
         xb, yb = parallel.constrain_batch(xb, mesh), parallel.constrain_batch(yb, mesh)
-      return step(state, xb, yb)
+      return step(state, xb, yb, objective_args=objective_args)
+
+    if batch_indices.shape[0] == 1:
+      # One step is a plain call, not a loop of one iteration: XLA:CPU ran the backward
+      # pass of the fake-quant thesis CNN 10-25x slower inside a loop body (see
+      # experiments/compression_study.py, qat_finetune). XLA's while-loop simplifier
+      # usually inlines a one-trip loop as well; this does not depend on it.
+      state, metrics = body(state, batch_indices[0])
+      return state, jax.tree.map(lambda m: m[None], metrics)
     return jax.lax.scan(body, state, batch_indices)
 
   return train_epoch
@@ -194,35 +221,47 @@ def _epoch_fn(model: nn.Module, tx: optax.GradientTransformation, label_smoothin
 @functools.lru_cache(maxsize=64)
 def make_train_epoch(model: nn.Module, tx: optax.GradientTransformation, *,
                      label_smoothing: float = 0.0, augment: Callable | None = None,
-                     mesh: jax.sharding.Mesh | None = None) -> Callable:
-  """Returns `train_epoch(state, x, y, batch_indices) -> (state, metrics)`, compiled once.
+                     mesh: jax.sharding.Mesh | None = None, objective: Objective | None = None
+                     ) -> Callable:
+  """Returns `train_epoch(state, x, y, batch_indices, objective_args=None) -> (state,
+  metrics)`, compiled once.
 
   `x` [N, ...], `y` [N] is the whole training split (device-resident) and `batch_indices`
-  [steps, B] the batches to take, usually a whole epoch (compiled once per `steps`);
-  metrics are per-step arrays [steps]. The state buffers are donated, so the previous state
-  must not be used after the call. Memoized: the same (equal) model and the same `tx` object
-  give the same compiled function, so repeated `fit` calls do not recompile.
+  [steps, B] the batches to take, usually a whole epoch (compiled once per `steps`; one
+  step compiles to a plain call, without a loop); metrics are per-step arrays [steps].
+  `objective` and `objective_args` are `train_step`'s. The state buffers are donated, so
+  the previous state must not be used after the call. Memoized: the same (equal) model,
+  the same `tx` object and an equal `objective` (so it must be hashable, by value to be
+  shared: e.g. a frozen dataclass) give the same compiled function, so repeated `fit`
+  calls do not recompile.
 
   With a `mesh` (see `evoprune.parallel`), each step's batch is kept split over the mesh's
   `data` axis; the caller places the arrays (`fit` does): x, y replicated, the state
   replicated or sharded by a rule, batch_indices split along B.
   """
-  return jax.jit(_epoch_fn(model, tx, label_smoothing, augment, mesh), donate_argnums=(0,))
+  return jax.jit(_epoch_fn(model, tx, label_smoothing, augment, mesh, objective),
+                 donate_argnums=(0,))
 
 
 @functools.lru_cache(maxsize=64)
 def make_seeds_train_epoch(model: nn.Module, tx: optax.GradientTransformation, *,
-                           label_smoothing: float = 0.0, augment: Callable | None = None
-                           ) -> Callable:
+                           label_smoothing: float = 0.0, augment: Callable | None = None,
+                           objective: Objective | None = None) -> Callable:
   """`make_train_epoch` for S seeds at once: one compiled, vmapped program.
 
-  Returns `train_epoch(states, x, y, batch_indices) -> (states, metrics)` where `states`
-  has a leading seed axis S on every leaf (`parallel.stack`), `batch_indices` is
-  [S, steps, B] (each seed its own data order) and metrics are [S, steps]. The data x, y is
-  shared. Seed s follows exactly the computation of its own `make_train_epoch` run.
+  Returns `train_epoch(states, x, y, batch_indices, objective_args=None) -> (states,
+  metrics)` where `states` has a leading seed axis S on every leaf (`parallel.stack`),
+  `batch_indices` is [S, steps, B] (each seed its own data order) and metrics are
+  [S, steps]. The data x, y and the objective_args are shared. Seed s follows exactly the
+  computation of its own `make_train_epoch` run.
   """
-  epoch = _epoch_fn(model, tx, label_smoothing, augment, None)
-  return jax.jit(jax.vmap(epoch, in_axes=(0, None, None, 0)), donate_argnums=(0,))
+  epochs = jax.vmap(_epoch_fn(model, tx, label_smoothing, augment, None, objective),
+                    in_axes=(0, None, None, 0, None))
+
+  def train_epoch(states, x, y, batch_indices, objective_args=None):
+    return epochs(states, x, y, batch_indices, objective_args)
+
+  return jax.jit(train_epoch, donate_argnums=(0,))
 
 
 @functools.lru_cache(maxsize=64)
@@ -321,7 +360,8 @@ class FitConfig:
 def fit(model: nn.Module, tx: optax.GradientTransformation, state: TrainState,
         dataset: data_lib.Dataset, config: FitConfig, *, workdir: str | os.PathLike | None = None,
         stage: str = "train", on_epoch_end: Callable[[TrainState, dict], None] | None = None,
-        mesh: jax.sharding.Mesh | None = None, sharding_rule: str | Callable = "replicate"
+        mesh: jax.sharding.Mesh | None = None, sharding_rule: str | Callable = "replicate",
+        objective: Objective | None = None, objective_args: Any = None
         ) -> tuple[TrainState, dict]:
   """Trains `state` for `config.epochs` epochs, resuming from `workdir`'s checkpoints.
 
@@ -339,6 +379,10 @@ def fit(model: nn.Module, tx: optax.GradientTransformation, state: TrainState,
   results equal a one-device run's to float rounding. In a multi-process job every
   process calls `fit` alike; only process 0 writes `metrics.jsonl`.
 
+  An `objective` replaces the cross-entropy training loss, with `objective_args` (placed on
+  the device once, replicated under a mesh) as its traced argument: see `train_step` and,
+  for knowledge distillation, `distillation.objective`. Validation stays cross-entropy.
+
   Returns:
     The final state and the last evaluation {'val_loss', 'val_accuracy', 'train_loss', ...}.
 
@@ -348,12 +392,13 @@ def fit(model: nn.Module, tx: optax.GradientTransformation, state: TrainState,
   """
   augment = data_lib.augment if config.augment else None
   train_steps = make_train_epoch(model, tx, label_smoothing=config.label_smoothing,
-                                 augment=augment, mesh=mesh)
+                                 augment=augment, mesh=mesh, objective=objective)
   evaluate = make_evaluate(model)
   state, evals = _fit_loop(
       train_steps, lambda s, x, y: evaluate(s.params, s.batch_stats, x, y), state, dataset,
       config, seeds=None, stages=(stage,), checkpoint_name=stage, workdir=workdir,
-      on_epoch_end=on_epoch_end, mesh=mesh, sharding_rule=sharding_rule)
+      on_epoch_end=on_epoch_end, mesh=mesh, sharding_rule=sharding_rule,
+      objective_args=objective_args)
   return state, evals[0]
 
 
@@ -361,7 +406,8 @@ def fit_seeds(model: nn.Module, tx: optax.GradientTransformation, states: TrainS
               dataset: data_lib.Dataset, config: FitConfig, seeds: Sequence[int], *,
               workdir: str | os.PathLike | None = None, stage: str = "seeds",
               stages: Sequence[str] | None = None,
-              on_epoch_end: Callable[[TrainState, list[dict]], None] | None = None
+              on_epoch_end: Callable[[TrainState, list[dict]], None] | None = None,
+              objective: Objective | None = None, objective_args: Any = None
               ) -> tuple[TrainState, list[dict]]:
   """`fit` for S seeds of one configuration as a single compiled, vmapped program.
 
@@ -379,6 +425,7 @@ def fit_seeds(model: nn.Module, tx: optax.GradientTransformation, states: TrainS
     stages: the `stage` of each seed's events in metrics.jsonl (default
       `<stage>/seed<seed>`).
     on_epoch_end: called with the stacked states and the S events after evaluations.
+    objective, objective_args: as for `fit`, shared by all seeds.
 
   Returns:
     The stacked final states and each seed's last evaluation.
@@ -398,20 +445,21 @@ def fit_seeds(model: nn.Module, tx: optax.GradientTransformation, states: TrainS
     raise ValueError(f"stages has {len(stages)} names for {len(seeds)} seeds; pass one each")
   augment = data_lib.augment if config.augment else None
   train_steps = make_seeds_train_epoch(model, tx, label_smoothing=config.label_smoothing,
-                                       augment=augment)
+                                       augment=augment, objective=objective)
   evaluate = jax.vmap(make_evaluate(model), in_axes=(0, 0, None, None))
   return _fit_loop(
       train_steps, lambda s, x, y: evaluate(s.params, s.batch_stats, x, y), states, dataset,
       config, seeds=seeds, stages=stages, checkpoint_name=stage, workdir=workdir,
-      on_epoch_end=on_epoch_end, mesh=None, sharding_rule="replicate")
+      on_epoch_end=on_epoch_end, mesh=None, sharding_rule="replicate",
+      objective_args=objective_args)
 
 
 def _fit_loop(train_steps: Callable, evaluate: Callable, state: TrainState,
               dataset: data_lib.Dataset, config: FitConfig, *, seeds: tuple[int, ...] | None,
               stages: tuple[str, ...], checkpoint_name: str,
               workdir: str | os.PathLike | None, on_epoch_end: Callable | None,
-              mesh: jax.sharding.Mesh | None, sharding_rule: str | Callable
-              ) -> tuple[TrainState, list[dict]]:
+              mesh: jax.sharding.Mesh | None, sharding_rule: str | Callable,
+              objective_args: Any) -> tuple[TrainState, list[dict]]:
   """The loop of `fit` (seeds=None: one state) and `fit_seeds` (a stacked state per seed)."""
   stacked = seeds is not None
   seeds = seeds if stacked else (config.seed,)
@@ -431,6 +479,7 @@ def _fit_loop(train_steps: Callable, evaluate: Callable, state: TrainState,
     state = parallel.put(state, parallel.tree_shardings(state, mesh, sharding_rule))
   x_train, y_train = place(dataset.train.x), place(dataset.train.y)
   x_val, y_val = place(dataset.val.x), place(dataset.val.y)
+  objective_args = jax.tree.map(place, objective_args)
 
   def batch_indices(epoch: int, offset: int, count: int) -> jax.Array:
     rows = [data_lib.epoch_batch_indices(num_train, config.batch_size, seed=seed,
@@ -473,7 +522,8 @@ def _fit_loop(train_steps: Callable, evaluate: Callable, state: TrainState,
     while step < total_steps:
       epoch, offset = divmod(step, steps_per_epoch)
       count = min(steps_per_call, steps_per_epoch - offset)
-      state, metrics = train_steps(state, x_train, y_train, batch_indices(epoch, offset, count))
+      state, metrics = train_steps(state, x_train, y_train, batch_indices(epoch, offset, count),
+                                   objective_args)
       losses = np.asarray(metrics["loss"]).reshape(len(seeds), count)
       accuracies = np.asarray(metrics["accuracy"]).reshape(len(seeds), count)
       finite = np.isfinite(losses)

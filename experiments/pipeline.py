@@ -165,11 +165,13 @@ class Context:
         eval_every_epochs=c.eval_every_epochs, progress=self.config.progress)
 
   def fit(self, tx: optax.GradientTransformation, state: training.TrainState, epochs: int,
-          seed: int, stage: str) -> training.TrainState:
+          seed: int, stage: str, *, objective: training.Objective | None = None,
+          objective_args: Any = None) -> training.TrainState:
     """`training.fit` in the workdir, data-parallel over `mesh` when there is one."""
     state, _ = training.fit(self.model, tx, state, self.dataset, self.fit_config(epochs, seed),
                             workdir=self.workdir, stage=stage, mesh=self.mesh,
-                            sharding_rule=self.config.parallel.sharding_rule)
+                            sharding_rule=self.config.parallel.sharding_rule,
+                            objective=objective, objective_args=objective_args)
     if self.mesh is not None and jax.process_count() > 1:
       # Later stages (pruning, evaluation, costs) run on each process's own devices: give
       # every process the whole state rather than its shards of a global array.
@@ -348,15 +350,13 @@ def finetune(ctx: Context, dense: training.TrainState, masks: Any, seed: int, st
   state = training.TrainState(step=jnp.zeros((), jnp.int32), params=params,
                               batch_stats=dense.batch_stats, opt_state=opt_state,
                               rng=jax.random.key_data(jax.random.key(seed + 10_000)))
+  objective, objective_args = None, None
   if config.distill.enabled:  # the dense model teaches its pruned copy
     teacher = ep.distillation.Teacher(ctx.model, dense.params, dense.batch_stats)
-    state, _ = ep.distillation.fit(ctx.model, tx, state, ctx.dataset,
-                                   ctx.fit_config(epochs, seed), teacher,
-                                   temperature=config.distill.temperature,
-                                   alpha=config.distill.alpha, workdir=ctx.workdir,
-                                   stage=stage)
-    return state
-  return ctx.fit(tx, state, epochs, seed, stage)
+    objective, objective_args = ep.distillation.objective(
+        teacher, temperature=config.distill.temperature, alpha=config.distill.alpha)
+  return ctx.fit(tx, state, epochs, seed, stage, objective=objective,
+                 objective_args=objective_args)
 
 
 def train_pruned(ctx: Context, method: str, target: float, seed: int, stage: str

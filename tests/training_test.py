@@ -3,6 +3,7 @@
 import dataclasses
 import json
 import pathlib
+import re
 import shutil
 import tempfile
 
@@ -53,6 +54,12 @@ class Interrupt(Exception):
   pass
 
 
+def cross_entropy_objective(logits, y, x, objective_args):
+  """The default loss as an `objective`; objective_args is a scale of 1."""
+  del x
+  return training.cross_entropy(logits, y) * objective_args
+
+
 class TrainingTest(parameterized.TestCase):
 
   def test_fit_learns_and_logs(self):
@@ -75,6 +82,30 @@ class TrainingTest(parameterized.TestCase):
     state, metrics = train_epoch(state, x, y, idx)
     self.assertEqual(train_epoch._cache_size(), 1)  # pylint: disable=protected-access
     self.assertEqual(metrics["loss"].shape, (8,))
+
+  def test_objective_equal_to_cross_entropy_gives_identical_params(self):
+    model, tx, state, config = make()
+    config = dataclasses.replace(config, steps_per_call=3)  # calls of 3, 3 and 2 steps
+    default, _ = training.fit(model, tx, state, DATASET, config)
+    custom, _ = training.fit(model, tx, state, DATASET, config,
+                             objective=cross_entropy_objective, objective_args=jnp.float32(1))
+    for want, got in zip(jax.tree.leaves(default.params), jax.tree.leaves(custom.params)):
+      np.testing.assert_array_equal(want, got)
+
+  @parameterized.named_parameters(("default", None), ("objective", cross_entropy_objective))
+  def test_one_step_call_compiles_without_a_loop(self, objective):
+    # XLA:CPU runs a backward pass slower inside a loop body (compression_study.py).
+    model, tx, state, _ = make()
+    train_epoch = training.make_train_epoch(model, tx, objective=objective)
+    x, y = jnp.asarray(DATASET.train.x), jnp.asarray(DATASET.train.y)
+    args = None if objective is None else jnp.float32(1)
+    hlo = lambda steps: train_epoch.lower(state, x, y, jnp.zeros((steps, 32), jnp.int32),
+                                          args).compile().as_text()
+    loop = re.compile(r"\swhile\(")  # the instruction, not "while/body" in op names
+    self.assertIsNotNone(loop.search(hlo(2)))
+    self.assertIsNone(loop.search(hlo(1)))
+    _, metrics = train_epoch(state, x, y, jnp.zeros((1, 32), jnp.int32), args)
+    self.assertEqual(metrics["loss"].shape, (1,))
 
   def test_resume_gives_identical_results(self):
     model, tx, state, config = make()
