@@ -24,7 +24,7 @@ sparse formats lose to dense unless the layer is extremely sparse; the table say
 Measured on the 2-core AVX-512 CPU (`--models=thesis_cnn,resnet20 --sparsities=0.5`):
 
   machine                     thesis_cnn shrunk   resnet20 shrunk   (dense = 1, batch 256)
-  idle (load < 1), 3-4 runs   3.60-3.68x          2.04-2.21x        both targets met
+  idle (load 1-2), 5-6 runs   3.60-3.86x          2.03-2.21x        both targets met
   shared (load 4-9), earlier  2.2-3.5x            1.6-2.1x (mostly 1.8-1.9x)
 
 so both targets are met on a quiet machine, ResNet-20's with a thin margin that other
