@@ -95,9 +95,6 @@ def validate(config: ml_collections.ConfigDict) -> None:
       raise ValueError(f"config.{name}={value!r}; use one of {training.LR_SCHEDULES}.")
   if config.distill.enabled:
     ep.distillation.check_hyperparameters(config.distill.temperature, config.distill.alpha)
-    if config.parallel.data_parallel:
-      raise ValueError("config.distill.enabled fine-tunes on one device; set "
-                       "config.parallel.data_parallel=False.")
   if config.train.epochs < 1 or config.train.batch_size < 1:
     raise ValueError("config.train.epochs and config.train.batch_size must be >= 1.")
 

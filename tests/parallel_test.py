@@ -57,12 +57,14 @@ COMMON = textwrap.dedent("""
         x = nn.BatchNorm(use_running_average=not train)(x)
         return nn.Dense(3)(nn.relu(x).reshape((x.shape[0], -1)))
 
-    def run(model, mesh=None, rule="replicate", epochs=2, workdir=None):
+    def run(model, mesh=None, rule="replicate", epochs=2, workdir=None, teacher=None):
       tx = optax.sgd(0.1, momentum=0.9)
       state = training.create_train_state(model, tx, jax.random.key(0), jnp.zeros((1, 4)))
       config = training.FitConfig(epochs=epochs, batch_size=16, seed=1, progress=False)
+      objective, objective_args = (ep.distillation.objective(teacher, temperature=2.0)
+                                   if teacher is not None else (None, None))
       return training.fit(model, tx, state, DATASET, config, mesh=mesh, sharding_rule=rule,
-                          workdir=workdir)
+                          workdir=workdir, objective=objective, objective_args=objective_args)
 
     def flat(state):
       return np.concatenate([np.asarray(l, np.float64).ravel()
@@ -83,6 +85,15 @@ EIGHT_DEVICES = COMMON + textwrap.dedent("""
             scale=float(np.abs(flat(one)).max()),
             val_diff=abs(one_eval["val_loss"] - many_eval["val_loss"]),
             devices=len(many.params["Dense_0"]["kernel"].sharding.device_set))
+    # Distillation: the teacher's variables are replicated, its logits split with the batch.
+    dense, _ = run(ConvBN())
+    teacher = ep.distillation.Teacher(ConvBN(), dense.params, dense.batch_stats)
+    one, one_eval = run(Mlp(), teacher=teacher)
+    many, many_eval = run(Mlp(), mesh, teacher=teacher)
+    out["distill/replicate"] = dict(
+        diff=float(np.abs(flat(one) - flat(many)).max()), scale=float(np.abs(flat(one)).max()),
+        val_diff=abs(one_eval["val_loss"] - many_eval["val_loss"]),
+        devices=len(many.params["Dense_0"]["kernel"].sharding.device_set))
     # The epoch compiles once: a third epoch reuses the program of the first two.
     epoch = training.make_train_epoch(Mlp(), optax.sgd(0.1), mesh=mesh)
     state = training.create_train_state(Mlp(), optax.sgd(0.1), jax.random.key(0),
@@ -144,7 +155,8 @@ class DataParallelTest(absltest.TestCase):
         [sys.executable, "-c", EIGHT_DEVICES], capture_output=True, text=True, timeout=600,
         cwd=REPO, env=_env(XLA_FLAGS="--xla_force_host_platform_device_count=8"))
     out = _result(proc)
-    for key in ("mlp/replicate", "mlp/fsdp", "convbn/replicate", "convbn/fsdp"):
+    for key in ("mlp/replicate", "mlp/fsdp", "convbn/replicate", "convbn/fsdp",
+                "distill/replicate"):
       with self.subTest(key):
         self.assertLess(out[key]["diff"], 1e-5 * out[key]["scale"])
         self.assertLess(out[key]["val_diff"], 1e-5)
