@@ -28,7 +28,10 @@ Measured on the 2-core AVX-512 CPU (`--models=thesis_cnn,resnet20 --sparsities=0
   shared (load 4-9), earlier  2.2-3.5x            1.6-2.1x (mostly 1.8-1.9x)
 
 so both targets are met on a quiet machine, ResNet-20's with a thin margin that other
-processes on the two cores take away. masked and bcoo stay at ~1.0x on the CNNs; on
+processes on the two cores take away. Both models here are compiled with XLA's default
+options; with dense convolutions on Eigen instead of YNNPACK (`ops.compiler_options()`, what
+the training programs use) dense ResNet-20 gets faster (250 -> 230 ms) and the ratio fell to
+1.87x in one run, so the ResNet-20 target is not met robustly. masked and bcoo stay at ~1.0x on the CNNs; on
 LeNet-300-100 bcoo is 50-100x slower than dense at 0.5-0.8 and only catches up at 0.99.
 
 Why ResNet-20's margin is thin (`--breakdown` times each 3x3 conv size at dense and half

@@ -75,14 +75,50 @@ def _check_impl(impl: str) -> str:
   return impl
 
 
+# XLA:CPU (jaxlib 0.10.2) hands dense convolutions, dots and reductions to YNNPACK
+# (`xla_cpu_experimental_ynn_fusion_type` = INDIVIDUAL_CONVOLUTION, INDIVIDUAL_DOT, REDUCE).
+# Its convolution ran on one thread: 32->64 3x3 VALID at 15x15, batch 128, 13.0 ms on one
+# core and on two (31 GMAC/s), where Eigen's, XLA's fallback, took 8.7 ms on one core and
+# 5.1 ms on two, as fast as PyTorch's oneDNN (5.2). The training programs keep YNNPACK for
+# dots and reductions and give convolutions back to Eigen. Measured in one process, train
+# step (2-core AMD EPYC, batch 128, default / these options): thesis CNN 0.86-0.91,
+# ResNet-20 0.92, LeNet-5 0.97-1.02, MobileNet 0.98-1.06 (it has almost no dense convolution).
+_CPU_COMPILER_OPTIONS = (("xla_cpu_experimental_ynn_fusion_type",
+                          "LIBRARY_FUSION_TYPE_INDIVIDUAL_DOT,LIBRARY_FUSION_TYPE_REDUCE"),)
+
+
+@functools.cache
+def _cpu_options_supported() -> bool:
+  """Whether this jaxlib knows `_CPU_COMPILER_OPTIONS` (the names are experimental)."""
+  try:
+    jax.jit(lambda x: x + 1, compiler_options=dict(_CPU_COMPILER_OPTIONS)).lower(
+        jnp.zeros((), jnp.float32)).compile()
+  except jax.errors.JaxRuntimeError:
+    return False
+  return True
+
+
+def compiler_options(backend: str | None = None) -> dict[str, str]:
+  """`jax.jit(..., compiler_options=...)` for the programs that train the zoo on `backend`.
+
+  On CPU, convolutions go to Eigen's multithreaded kernels instead of YNNPACK's (see
+  `_CPU_COMPILER_OPTIONS`); empty on other backends, under `EVOPRUNE_OPS=xla`, and where
+  the installed jaxlib does not know the option.
+  """
+  backend = backend or jax.default_backend()
+  if backend != "cpu" or _check_impl("auto") == "xla" or not _cpu_options_supported():
+    return {}
+  return dict(_CPU_COMPILER_OPTIONS)
+
+
 def describe(backend: str | None = None) -> str:
   """What `impl='auto'` runs on `backend` (default: JAX's default backend)."""
   backend = backend or jax.default_backend()
   if backend != "cpu" or _check_impl("auto") == "xla":
     return "xla (lax.conv_general_dilated, reduce_window max pool)"
-  return ("cpu (conv: XLA forward/input grad, chunked im2col-matmul weight grad, im2col "
-          "forward for RGB; 1x1 as matmul; depthwise as shifted multiply-adds; max pool: "
-          "max of strided views, first-max grad)")
+  return ("cpu (conv: XLA forward/input grad (Eigen in training programs), chunked "
+          "im2col-matmul weight grad, im2col forward for RGB; 1x1 as matmul; depthwise as "
+          "shifted multiply-adds; max pool: max of strided views, first-max grad)")
 
 
 # ------------------------------------------------------------------------------ pooling

@@ -34,6 +34,7 @@ import orbax.checkpoint as ocp
 import tqdm
 
 from evoprune import data as data_lib
+from evoprune import ops
 from evoprune import parallel
 from evoprune.types import Params
 
@@ -240,7 +241,7 @@ def make_train_epoch(model: nn.Module, tx: optax.GradientTransformation, *,
   replicated or sharded by a rule, batch_indices split along B.
   """
   return jax.jit(_epoch_fn(model, tx, label_smoothing, augment, mesh, objective),
-                 donate_argnums=(0,))
+                 donate_argnums=(0,), compiler_options=ops.compiler_options())
 
 
 @functools.lru_cache(maxsize=64)
@@ -261,7 +262,7 @@ def make_seeds_train_epoch(model: nn.Module, tx: optax.GradientTransformation, *
   def train_epoch(states, x, y, batch_indices, objective_args=None):
     return epochs(states, x, y, batch_indices, objective_args)
 
-  return jax.jit(train_epoch, donate_argnums=(0,))
+  return jax.jit(train_epoch, donate_argnums=(0,), compiler_options=ops.compiler_options())
 
 
 @functools.lru_cache(maxsize=64)

@@ -172,6 +172,36 @@ class ConvTest(parameterized.TestCase):
     self.assertTrue(ops.describe("gpu").startswith("xla"))
 
 
+class CompilerOptionsTest(absltest.TestCase):
+
+  def test_only_cpu_programs_get_options(self):
+    self.assertEqual(ops.compiler_options("gpu"), {})
+    self.assertEqual(ops.compiler_options("tpu"), {})
+    with mock.patch.dict(os.environ, {"EVOPRUNE_OPS": "xla"}):
+      self.assertEqual(ops.compiler_options("cpu"), {})
+
+  def test_convolutions_leave_ynnpack_with_the_same_values(self):
+    options = ops.compiler_options("cpu")
+    if not options:
+      self.skipTest("this jaxlib does not know the YNNPACK fusion option")
+    x, kernel = _random((4, 9, 9, 8), 0), _random((3, 3, 8, 16), 1)
+    conv = lambda x, k: _reference_conv(x, k, (1, 1), "SAME", 1)
+    plain = jax.jit(conv).lower(x, kernel).compile()
+    eigen = jax.jit(conv, compiler_options=options).lower(x, kernel).compile()
+    if "ynn_fusion" in plain.as_text():  # this jaxlib's default sends it to YNNPACK
+      self.assertNotIn("ynn_fusion", eigen.as_text())
+    _assert_close(self, eigen(x, kernel), plain(x, kernel))
+
+  def test_options_are_missing_where_jaxlib_rejects_them(self):
+    ops._cpu_options_supported.cache_clear()  # pylint: disable=protected-access
+    try:
+      with mock.patch.object(ops, "_CPU_COMPILER_OPTIONS",
+                             (("xla_cpu_experimental_ynn_fusion_type", "NO_SUCH_TYPE"),)):
+        self.assertEqual(ops.compiler_options("cpu"), {})
+    finally:
+      ops._cpu_options_supported.cache_clear()  # pylint: disable=protected-access
+
+
 class ConvModuleTest(absltest.TestCase):
 
   def test_layers_conv_is_flax_conv_with_the_same_params(self):
