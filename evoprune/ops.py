@@ -20,14 +20,21 @@ plain XLA op -> this module:
 
 Whole train steps (same machine, one core, the same network in PyTorch 2.13 eager = 1):
 thesis CNN 2.6 -> 1.2-1.4, LeNet-5 2.8 -> 1.6-2.3, ResNet-20 2.0 -> 1.7, MobileNet
-5.8 -> 1.3 (see the README's performance section for the benchmark).
+5.8 -> 1.3 (see the README's performance section for the benchmark). The stride-1 weight
+gradient as a canonical convolution then took train steps (2-core AMD EPYC, two cores,
+same process) to 0.73 (ResNet-20), 0.74 (LeNet-5), 0.80 (thesis CNN) of the im2col
+version; MobileNet (one dense convolution) 0.99.
 
 The formulations:
   - dense k x k convolutions keep XLA's forward and input-gradient convolutions (they go
-    to YNNPACK or Eigen) and compute the weight gradient as im2col matmuls summed over
+    to YNNPACK or Eigen) and, with stride 1, state the weight gradient as a forward
+    convolution in canonical layout (batch as the contracted feature axis), which Eigen
+    runs without patches where XLA's own form runs as a naive loop inside `lax.scan`
+    (`_weight_grad_conv`); the backward pass reads the layer input from its own buffer
+    (`_materialized`) instead of recomputing batch norm, ReLU and residual sums there.
+    Strided convolutions compute the weight gradient as im2col matmuls summed over
     small batch chunks with `lax.scan`, each chunk's patch matrix built channel-major
-    (cheap block copies) while it stays in cache (XLA's own weight-gradient convolution
-    transposes both operands in memory first), the input laid out once as padded
+    (cheap block copies) while it stays in cache, the input laid out once as padded
     channel-major chunks before the loop; inputs with fewer than 4 channels (RGB)
     also run the forward pass as chunked im2col matmuls (Eigen's direct convolution
     reaches a few GFLOP/s there), and, when the process has a single core, input
@@ -116,8 +123,9 @@ def describe(backend: str | None = None) -> str:
   backend = backend or jax.default_backend()
   if backend != "cpu" or _check_impl("auto") == "xla":
     return "xla (lax.conv_general_dilated, reduce_window max pool)"
-  return ("cpu (conv: XLA forward/input grad (Eigen in training programs), chunked "
-          "im2col-matmul weight grad, im2col forward for RGB; 1x1 as matmul; depthwise as "
+  return ("cpu (conv: XLA forward/input grad (Eigen in training programs), weight grad "
+          "as a canonical conv (stride 1) or chunked im2col matmuls (strided), im2col "
+          "forward for RGB; 1x1 as matmul; depthwise as "
           "shifted multiply-adds; max pool: max of strided views, first-max grad)")
 
 
@@ -416,9 +424,9 @@ def _channel_major_chunks(x: jax.Array, window: tuple[int, int], strides: tuple[
 
 
 def _dense_fwd(x, kernel, strides, padding):
-  if x.shape[-1] >= _SMALL_C_IN:
+  if x.shape[-1] >= _SMALL_C_IN or strides == (1, 1):
     return _dense(x, kernel, strides, padding), (x, None, kernel)
-  # The weight gradient reuses the forward pass's channel-major chunks.
+  # A strided convolution's weight gradient reuses the forward pass's channel-major chunks.
   xt = _channel_major_chunks(x, kernel.shape[:2], strides, padding)
   out_hw = _out_hw(x.shape, kernel.shape[:2], strides, padding)
   return _dense_im2col(xt, kernel, strides, out_hw), (x, xt, kernel)
@@ -458,11 +466,67 @@ def _input_grad(g, kernel, x_shape, strides, padding):
 
 def _dense_bwd(strides, padding, residuals, g):
   x, xt, kernel = residuals
+  x = _materialized(x)
   dx = _input_grad(g, kernel, x.shape, strides, padding)
+  if strides == (1, 1):
+    return dx, _weight_grad_conv(x, g, padding).astype(kernel.dtype)
   if xt is None:
     xt = _channel_major_chunks(x, kernel.shape[:2], strides, padding)
   dk = _dense_weight_grad(xt, g, kernel.shape[:2], strides)
   return dx, dk.reshape(kernel.shape).astype(kernel.dtype)
+
+
+def _materialized(x: jax.Array) -> jax.Array:
+  """x, read from its own buffer by the backward pass instead of recomputed there.
+
+  XLA:CPU fuses cheap elementwise producers into every consumer: the weight gradient's
+  transposes and patch copies recomputed the batch norm, ReLU and, in a ResNet, the whole
+  chain of residual sums since the last downsampling, in transposed loop order (one such
+  transpose took 29 ms where a plain one takes 2-4). `lax.optimization_barrier` is removed
+  before fusion on CPU, but nothing is fused across a conditional, so x passes through one
+  whose branches both return it (the predicate only has to be unknown to the compiler).
+  Whole ResNet-20 train step 0.90 -> 0.80 of the unmaterialised one, LeNet-5 0.90.
+  """
+  first = x.ravel()[0]
+  return lax.cond(first == first, lambda v: v, lambda v: v, x)
+
+
+# The weight gradient's form from `_weight_grad_conv` for size-preserving convolutions with
+# at least this many input channels (fewer: x as the kernel gives Eigen too few output
+# features; RGB 3->32 3x3 SAME at 32x32 ran 34 ms against 9).
+_MIN_C_IN_FOR_X_AS_KERNEL = 8
+
+
+def _weight_grad_conv(x: jax.Array, g: jax.Array, padding: tuple[tuple[int, int], ...]
+                      ) -> jax.Array:
+  """dL/dkernel [kh, kw, C_in, C_out] of a stride-1 dense convolution as one forward
+  convolution in canonical NHWC/HWIO form, which Eigen runs without materialising patches.
+
+  JAX's own transpose rule states the weight gradient as a convolution with non-canonical
+  dimension labels, which XLA:CPU hands to Eigen outside loops but runs as a naive loop in a
+  `lax.scan` body (where `training.fit` trains): ~300x slower. Two canonical forms, chosen
+  by measurement (inside `lax.scan`, 2-core AMD EPYC, batch 128, ms, chunked im2col matmuls
+  -> this):
+
+  - size-preserving ('SAME') padding and >= 8 input channels: g [C_out, H', W', B] (batch
+    as features) correlated with x as an [H, W, B, C_in] kernel, g padded as x mirrored,
+    the output flipped: 16->16 3x3 at 32x32 48 -> 24, 32->32 at 16x16 22 -> 12, 64->64 at
+    8x8 22 -> 10. x's transpose keeps its channels minor, so batch norm and ReLU fused
+    into it stay cheap;
+  - otherwise: x [C_in, H, W, B] correlated with g as an [H', W', B, C_out] kernel: 32->64
+    3x3 VALID at 15x15 30 -> 14, 3->6 5x5 VALID at 32x32 18 -> 8, 6->16 5x5 at 14x14
+    3.6 -> 1.5, RGB 3->32 3x3 SAME 11 -> 9. (The first form ran 10-20x slower for VALID
+    convolutions, where g is padded by kh - 1 on each side.)
+  """
+  if g.shape[1:3] == x.shape[1:3] and x.shape[-1] >= _MIN_C_IN_FOR_X_AS_KERNEL:
+    # out[o, kh-1-i, kw-1-j, c] = sum_{b,u,v} g[b, u - i + lo, v - j + lo', o] x[b, u, v, c]
+    mirrored = tuple((hi, lo) for lo, hi in padding)
+    out = lax.conv_general_dilated(g.transpose(3, 1, 2, 0), x.transpose(1, 2, 0, 3), (1, 1),
+                                   mirrored, dimension_numbers=_NHWC)
+    return out[:, ::-1, ::-1, :].transpose(1, 2, 3, 0)
+  out = lax.conv_general_dilated(x.transpose(3, 1, 2, 0), g.transpose(1, 2, 0, 3), (1, 1),
+                                 padding, dimension_numbers=_NHWC)
+  return out.transpose(1, 2, 0, 3)
 
 
 def _dense_weight_grad(xt: jax.Array, g: jax.Array, window: tuple[int, int],

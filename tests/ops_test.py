@@ -100,9 +100,42 @@ class ConvTest(parameterized.TestCase):
     with mock.patch.object(ops, "_usable_cores", return_value=cores):
       jaxpr = str(jax.make_jaxpr(lambda x, k: _value_and_vjp(fn, x, k))(x, kernel))
       _, (dx, _) = _value_and_vjp(fn, x, kernel)
-    # The forward and the input gradient: 2 convolutions with XLA's, 1 with im2col.
-    self.assertEqual(jaxpr.count("conv_general_dilated["), 1 if cores == 1 else 2)
+    # The forward, the input gradient and the weight gradient: 3 convolutions with
+    # XLA's input gradient, 2 with im2col.
+    self.assertEqual(jaxpr.count("conv_general_dilated["), 2 if cores == 1 else 3)
     _assert_close(self, dx, dx_ref)
+
+  @parameterized.named_parameters(
+      # x as the kernel: size-preserving padding, >= 8 input channels (mirrored padding).
+      ("x_as_kernel_same", (3, 8, 8, 8), (3, 3, 8, 5), "SAME"),
+      ("x_as_kernel_even_window", (2, 7, 6, 9), (4, 2, 9, 3), ((1, 2), (1, 0))),
+      # g as the kernel: everything else.
+      ("g_as_kernel_valid", (2, 9, 9, 8), (3, 3, 8, 4), "VALID"),
+      ("g_as_kernel_few_channels", (2, 8, 8, 3), (3, 3, 3, 4), "SAME"),
+      ("g_as_kernel_shrinking_pad", (2, 9, 8, 6), (5, 3, 6, 7), ((2, 1), (0, 2))),
+  )
+  def test_weight_gradient_inside_scan_matches_lax(self, x_shape, k_shape, padding):
+    # Inside `lax.scan`, where training runs (and where XLA's own form is a naive loop).
+    x, kernel = _random(x_shape, 20), _random(k_shape, 21)
+    ref = lambda k: _reference_conv(x, k, (1, 1), padding, 1)
+    y, vjp = jax.vjp(ref, kernel)
+    g = _random(y.shape, 22)
+    dk_ref = vjp(g)[0]
+
+    def grads(kernel):
+      def body(total, _):
+        _, vjp = jax.vjp(lambda k: ops.conv(x, k, (1, 1), padding, impl="cpu"), kernel)
+        return total + vjp(g)[0], None
+      return lax.scan(body, jnp.zeros_like(kernel), None, length=2)[0] / 2
+
+    _assert_close(self, jax.jit(grads)(kernel), dk_ref)
+
+  def test_materialized_is_the_identity_even_for_nan(self):
+    for value in (1.5, float("nan")):
+      x = jnp.full((2, 3, 3, 2), value).at[1].set(2.0)
+      np.testing.assert_array_equal(jax.jit(ops._materialized)(x), x)  # pylint: disable=protected-access
+      batched = jax.vmap(ops._materialized)(jnp.stack([x, -x]))  # pylint: disable=protected-access
+      np.testing.assert_array_equal(batched, jnp.stack([x, -x]))
 
   def test_chunks_divide_the_batch(self):
     chunks = ops._chunks  # pylint: disable=protected-access
