@@ -41,6 +41,8 @@ def _value_and_vjp(fn, *args):
 _CONVS = (
     ("rgb_valid_5x5", (3, 9, 9, 3), (5, 5, 3, 6), (1, 1), "VALID", 1),
     ("rgb_same_3x3", (2, 8, 8, 3), (3, 3, 3, 4), (1, 1), "SAME", 1),
+    ("rgb_odd_window_asymmetric_pad", (2, 7, 8, 3), (4, 3, 3, 5), (1, 1), ((2, 0), (1, 2)), 1),
+    ("rgb_stride2", (2, 9, 9, 3), (3, 3, 3, 4), (2, 2), ((1, 1), (1, 1)), 1),
     ("dense_valid", (2, 7, 7, 5), (3, 3, 5, 4), (1, 1), "VALID", 1),
     ("dense_8_channels_same", (3, 6, 6, 8), (3, 3, 8, 5), (1, 1), "SAME", 1),
     ("dense_5x5_6_channels", (2, 9, 9, 6), (5, 5, 6, 7), (1, 1), ((2, 1), (0, 2)), 1),
@@ -75,7 +77,7 @@ class ConvTest(parameterized.TestCase):
         _assert_close(self, dx, dx_ref)
         _assert_close(self, dk, dk_ref)
 
-  @parameterized.named_parameters(*(_CONVS[i] for i in (0, 3, 6, 8)))
+  @parameterized.named_parameters(*(_CONVS[i] for i in (0, 3, 5, 8, 10)))
   def test_batch_chunks_give_the_same_gradients(self, x_shape, k_shape, strides, padding,
                                                 groups):
     # One example per chunk: the scanned weight gradients and the mapped forward.
