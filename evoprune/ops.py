@@ -36,8 +36,9 @@ The formulations:
     small batch chunks with `lax.scan`, each chunk's patch matrix built channel-major
     (cheap block copies) while it stays in cache, the input laid out once as padded
     channel-major chunks before the loop; inputs with fewer than 4 channels (RGB)
-    also run the forward pass as chunked im2col matmuls (Eigen's direct convolution
-    reaches a few GFLOP/s there), and, when the process has a single core, input
+    run the forward pass on their 2x2 space-to-depth rearrangement (12 channels) with
+    stride 1 and as chunked im2col matmuls when strided (Eigen's direct convolution
+    reaches a few GFLOP/s with 3 channels), and, when the process has a single core, input
     gradients with fewer than 8 channels too (on two cores Eigen's multithreaded
     convolution wins);
   - 1x1 convolutions are matmuls, the weight gradient again summed over batch chunks;
@@ -125,8 +126,8 @@ def describe(backend: str | None = None) -> str:
   if backend != "cpu" or _check_impl("auto") == "xla":
     return "xla (lax.conv_general_dilated, reduce_window max pool)"
   return ("cpu (conv: XLA forward/input grad (Eigen in training programs), weight grad "
-          "as a canonical conv (stride 1) or chunked im2col matmuls (strided), im2col "
-          "forward for RGB; 1x1 as matmul; depthwise as "
+          "as a canonical conv (stride 1) or chunked im2col matmuls (strided), RGB forward "
+          "on the space-to-depth input; 1x1 as matmul; depthwise as "
           "shifted multiply-adds; max pool: max of strided views, first-max grad)")
 
 
