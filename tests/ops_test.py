@@ -202,6 +202,16 @@ class ConvTest(parameterized.TestCase):
     with self.assertRaisesRegex(ValueError, "impl="):
       ops.max_pool(x, impl="")
 
+  def test_plain_ops_stage_only_the_xla_convolution(self):
+    x, kernel = _random((2, 8, 8, 3), 30), _random((3, 3, 3, 4), 31)
+    conv = lambda x, k: ops.conv(x, k, (1, 1), "SAME")
+    with ops.plain_ops():
+      plain = str(jax.make_jaxpr(conv)(x, kernel))
+      self.assertEqual(ops.describe("cpu"), ops.describe("gpu"))
+    xla = str(jax.make_jaxpr(lambda x, k: ops.conv(x, k, (1, 1), "SAME", impl="xla"))(x, kernel))
+    self.assertEqual(plain, xla)
+    self.assertNotEqual(ops.describe("cpu"), ops.describe("gpu"))  # reset on exit
+
   def test_describe_names_the_backend_choice(self):
     self.assertTrue(ops.describe("cpu").startswith("cpu"))
     self.assertTrue(ops.describe("gpu").startswith("xla"))
