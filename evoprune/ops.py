@@ -49,11 +49,14 @@ The formulations:
     row-major order, exactly as XLA's select-and-scatter does, so ties are broken alike.
 
 Tried and dropped (slower in the whole step): col2im input gradients, im2col forward for
-all convolutions, padding channels so XLA picks YNNPACK, chunked XLA convolutions.
+all convolutions, padding channels so XLA picks YNNPACK, chunked XLA convolutions, strided
+weight gradients as convolutions with a kernel dilated by the stride, materialising the
+output gradient too.
 
 `describe()` names the implementation `auto` uses on the default backend. Setting the
 environment variable `EVOPRUNE_OPS=xla` before tracing turns the CPU formulations off
-(every call then stages the plain XLA op), e.g. to compare against them.
+(every call then stages the plain XLA op), e.g. to compare against them; `plain_ops()`
+does the same for what is traced inside it (`cost` counts MACs so).
 """
 
 import contextlib
