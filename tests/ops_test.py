@@ -48,6 +48,7 @@ _CONVS = (
     ("dense_5x5_6_channels", (2, 9, 9, 6), (5, 5, 6, 7), (1, 1), ((2, 1), (0, 2)), 1),
     ("dense_stride2_pad1", (2, 9, 9, 4), (3, 3, 4, 6), (2, 2), ((1, 1), (1, 1)), 1),
     ("dense_asymmetric_pad", (2, 6, 7, 4), (3, 2, 4, 3), (1, 2), ((0, 2), (1, 0)), 1),
+    ("dense_padding_beyond_window", (2, 6, 6, 4), (3, 3, 4, 5), (1, 1), ((3, 0), (0, 3)), 1),
     ("pointwise", (2, 5, 5, 6), (1, 1, 6, 7), (1, 1), "VALID", 1),
     ("pointwise_stride2", (2, 5, 5, 6), (1, 1, 6, 7), (2, 2), "VALID", 1),
     ("depthwise", (2, 6, 6, 5), (3, 3, 1, 5), (1, 1), ((1, 1), (1, 1)), 5),
@@ -91,21 +92,28 @@ class ConvTest(parameterized.TestCase):
     for a, b in zip(jax.tree.leaves(chunked), jax.tree.leaves(whole)):
       _assert_close(self, a, b)
 
-  @parameterized.named_parameters(("one_core", 1), ("two_cores", 2))
-  def test_few_channel_input_gradient_on_any_core_count(self, cores):
-    # One core: im2col matmuls of the cotangent; more: XLA's convolution. Same values.
-    x, kernel = _random((2, 9, 9, 6), 15), _random((5, 5, 6, 7), 16)
-    padding = ((2, 1), (0, 2))
-    _, (dx_ref, _) = _value_and_vjp(
-        lambda x, k: _reference_conv(x, k, (1, 1), padding, 1), x, kernel)
+  @parameterized.named_parameters(
+      # (x shape, kernel shape, padding, forward and input-gradient convolutions on
+      # squares, weight gradient on squares)
+      ("lenet5_conv1", (2, 12, 12, 3), (5, 5, 3, 6), "VALID", 2, 1),
+      ("rgb_many_outputs", (2, 8, 8, 3), (3, 3, 3, 32), "VALID", 1, 0),
+      ("few_channels_both_ways", (2, 9, 9, 6), (5, 5, 6, 7), "SAME", 2, 1),
+      ("few_output_channels_same", (2, 8, 8, 16), (3, 3, 16, 6), "SAME", 2, 0),
+      ("many_channels", (2, 8, 8, 16), (3, 3, 16, 32), "SAME", 0, 0),
+  )
+  def test_few_channel_convolutions_run_on_squares(self, x_shape, k_shape, padding,
+                                                   convs_on_squares, weight_grads_on_squares):
+    # Which stride-1 convolutions run on 2x2 space-to-depth squares (values are checked
+    # against lax in the tests above).
+    x, kernel = _random(x_shape, 15), _random(k_shape, 16)
     fn = lambda x, k: ops.conv(x, k, (1, 1), padding, impl="cpu")
-    with mock.patch.object(ops, "_usable_cores", return_value=cores):
-      jaxpr = str(jax.make_jaxpr(lambda x, k: _value_and_vjp(fn, x, k))(x, kernel))
-      _, (dx, _) = _value_and_vjp(fn, x, kernel)
-    # The forward, the input gradient and the weight gradient: 3 convolutions with
-    # XLA's input gradient, 2 with im2col.
-    self.assertEqual(jaxpr.count("conv_general_dilated["), 2 if cores == 1 else 3)
-    _assert_close(self, dx, dx_ref)
+    # pylint: disable=protected-access
+    with mock.patch.object(ops, "_space_to_depth_conv", wraps=ops._space_to_depth_conv) as conv, \
+        mock.patch.object(ops, "_space_to_depth_weight_grad",
+                          wraps=ops._space_to_depth_weight_grad) as weight_grad:
+      jax.make_jaxpr(lambda x, k: _value_and_vjp(fn, x, k))(x, kernel)
+    self.assertEqual(conv.call_count, convs_on_squares)
+    self.assertEqual(weight_grad.call_count, weight_grads_on_squares)
 
   @parameterized.named_parameters(
       # x as the kernel: size-preserving padding, >= 8 input channels (mirrored padding).
