@@ -33,7 +33,8 @@ The formulations:
     convolution in canonical layout (batch as the contracted feature axis), which Eigen
     runs without patches where XLA's own form runs as a naive loop inside `lax.scan`
     (`_weight_grad_conv`); the backward pass reads the layer input from its own buffer
-    (`_materialized`) instead of recomputing batch norm, ReLU and residual sums there.
+    (`_materialized`) instead of recomputing batch norm, ReLU and residual sums there
+    (`materialize` does the same for a model's values with several consumers);
     Strided convolutions compute the weight gradient as im2col matmuls summed over
     small batch chunks with `lax.scan`, each chunk's patch matrix built channel-major
     (cheap block copies) while it stays in cache, the input laid out once as padded
@@ -616,6 +617,32 @@ def _materialized(x: jax.Array) -> jax.Array:
   """
   first = x.ravel()[0]
   return lax.cond(first == first, lambda v: v, lambda v: v * 1, x)
+
+
+def materialize(x: jax.Array) -> jax.Array:
+  """x, computed into its own buffer on CPU; the identity (no op) on other backends.
+
+  For values with several consumers, such as a ResNet block's output (the next block's
+  convolution and its residual sum): XLA:CPU fuses cheap elementwise producers into each
+  consumer, so every residual sum recomputed the batch norms, ReLUs and sums of all
+  blocks since the last downsampling, as did the strided shortcut slice (11 ms per
+  ResNet-20 step in one fusion). With each block's output materialized: ResNet-20 train
+  step 0.95-0.98 of without (same process). Gradients pass through unchanged.
+  """
+  if _check_impl("auto") == "xla":
+    return x
+  return lax.platform_dependent(x, cpu=_materialized_forward, default=lambda v: v)
+
+
+@jax.custom_jvp
+def _materialized_forward(x):
+  return _materialized(x)
+
+
+@_materialized_forward.defjvp
+def _materialized_forward_jvp(primals, tangents):
+  # Tangents (and so cotangents) pass through as they are: only the primal is materialized.
+  return _materialized(primals[0]), tangents[0]
 
 
 # The weight gradient's form from `_weight_grad_conv` for size-preserving convolutions with

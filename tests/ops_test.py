@@ -147,6 +147,19 @@ class ConvTest(parameterized.TestCase):
       batched = jax.vmap(ops._materialized)(jnp.stack([x, -x]))  # pylint: disable=protected-access
       np.testing.assert_array_equal(batched, jnp.stack([x, -x]))
 
+  def test_materialize_is_the_identity_with_identity_gradients(self):
+    x = _random((2, 3, 3, 2), 30).at[0, 0, 0, 0].set(jnp.nan)
+    f = lambda x: jnp.sum(jnp.sin(ops.materialize(x * 2.0)))
+    reference = lambda x: jnp.sum(jnp.sin(x * 2.0))
+    np.testing.assert_array_equal(jax.jit(ops.materialize)(x), x)
+    np.testing.assert_array_equal(jax.jit(jax.grad(f))(x), jax.grad(reference)(x))
+    _, tangent = jax.jvp(ops.materialize, (x,), (jnp.ones_like(x),))
+    np.testing.assert_array_equal(tangent, jnp.ones_like(x))
+    np.testing.assert_array_equal(jax.vmap(ops.materialize)(x), x)
+    self.assertIn("platform_index", str(jax.make_jaxpr(ops.materialize)(x)))
+    with ops.plain_ops():  # a fresh function: jaxprs are cached per function
+      self.assertNotIn("platform_index", str(jax.make_jaxpr(lambda v: ops.materialize(v))(x)))
+
   def test_chunks_divide_the_batch(self):
     chunks = ops._chunks  # pylint: disable=protected-access
     with mock.patch.object(ops, "_CHUNK_BYTES", 1000):

@@ -30,6 +30,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from evoprune import ops
 from evoprune.models import layers
 
 
@@ -75,7 +76,8 @@ class BasicBlock(nn.Module):
     elif extra:
       # Option A: zero channels, split evenly on both sides, add no parameters.
       shortcut = jnp.pad(shortcut, ((0, 0), (0, 0), (0, 0), (extra // 2, extra - extra // 2)))
-    return nn.relu(y + shortcut)
+    # Its own buffer on CPU: the next block reads it twice (ops.materialize).
+    return ops.materialize(nn.relu(y + shortcut))
 
 
 class CifarResNet(nn.Module):
