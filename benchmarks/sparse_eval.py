@@ -21,20 +21,22 @@ speedup = dense / format at batch 256; with --breakdown also "resnet20_convs" (s
 at batch 256 for thesis_cnn and resnet20 (their MACs fall ~3.4x and ~4x). On XLA:CPU
 sparse formats lose to dense unless the layer is extremely sparse; the table says so.
 
-Measured on the 2-core AVX-512 CPU (`--models=thesis_cnn,resnet20 --sparsities=0.5`):
+Every format is compiled as evoprune compiles its own programs (`ep.ops.compiler_options()`:
+on CPU, dense convolutions on Eigen instead of YNNPACK, which ran them single-threaded).
+Measured (`--models=thesis_cnn,resnet20 --sparsities=0.5`, shrunk, dense = 1, batch 256):
 
-  machine                     thesis_cnn shrunk   resnet20 shrunk   (dense = 1, batch 256)
-  idle (load 1-2), 5-6 runs   3.60-3.86x          2.03-2.21x        both targets met
-  shared (load 4-9), earlier  2.2-3.5x            1.6-2.1x (mostly 1.8-1.9x)
+  machine                                   thesis_cnn   resnet20   dense ms (thesis, resnet20)
+  2-core AMD EPYC, AVX2, load 1-2 (now)     3.25x        2.40x      61, 429
+  same, XLA's default options (before)      2.91x        3.40x      159, 807
+  2-core AVX-512 CPU, default options,      3.60-3.86x   2.03-2.21x (earlier runs)
+  idle
 
-so both targets are met on a quiet machine, ResNet-20's with a thin margin that other
-processes on the two cores take away. Both models here are compiled with XLA's default
-options; with dense convolutions on Eigen instead of YNNPACK (`ops.compiler_options()`, what
-the training programs use) dense ResNet-20 gets faster (250 -> 230 ms) and the ratio fell to
-1.87x in one run, so the ResNet-20 target is not met robustly. masked and bcoo stay at ~1.0x on the CNNs; on
-LeNet-300-100 bcoo is 50-100x slower than dense at 0.5-0.8 and only catches up at 0.99.
+With XLA's default options the ResNet-20 ratio looked better only because dense was slow
+(YNNPACK's convolution); with Eigen both get faster and shrunk ResNet-20 still runs 2.4x
+faster. masked and bcoo stay at ~1.0x on the CNNs; on LeNet-300-100 bcoo is 50-100x slower
+than dense at 0.5-0.8 and only catches up at 0.99.
 
-Why ResNet-20's margin is thin (`--breakdown` times each 3x3 conv size at dense and half
+Why ResNet-20 gains less than its MACs (`--breakdown` times each 3x3 conv size at dense and half
 widths side by side; batch 256, ms per convolution, idle machine):
 
   conv (count in the network)        dense   shrunk  ratio   GMAC/s dense / shrunk
@@ -101,16 +103,21 @@ def magnitude_masks(model: nn.Module, params: Any, sparsity: float) -> Any:
   return ep.masks.topk(scores, sparsity)
 
 
+def _compile(fn: Callable) -> Callable:
+  """fn compiled as evoprune compiles its programs (`ep.ops.compiler_options()`)."""
+  return jax.jit(fn, compiler_options=ep.ops.compiler_options())
+
+
 def _dense(model, variables, sparsity, multiple_of=1):
   del sparsity, multiple_of
-  return jax.jit(model.apply), (variables,)
+  return _compile(model.apply), (variables,)
 
 
 def _masked(model, variables, sparsity, multiple_of=1):
   del multiple_of
   masks = magnitude_masks(model, variables["params"], sparsity)
   masked = {**variables, "params": ep.masks.apply(variables["params"], masks)}
-  return jax.jit(model.apply), (masked,)
+  return _compile(model.apply), (masked,)
 
 
 def _bcoo(model, variables, sparsity, multiple_of=1):
@@ -118,7 +125,7 @@ def _bcoo(model, variables, sparsity, multiple_of=1):
   masks = magnitude_masks(model, variables["params"], sparsity)
   kernels = sparse.bcoo_kernels(variables["params"], masks)
   masked = {**variables, "params": ep.masks.apply(variables["params"], masks)}
-  fn = jax.jit(lambda v, k, x: sparse.apply(model, v, k, x))
+  fn = _compile(lambda v, k, x: sparse.apply(model, v, k, x))
   return fn, (masked, kernels)
 
 
@@ -126,7 +133,7 @@ def _shrunk(model, variables, sparsity, multiple_of=1):
   masks = ep.surgery.structured(model, variables["params"], sparsity,
                                 multiple_of=multiple_of)
   small_model, small = ep.surgery.shrink(model, variables, masks, strict=False)
-  return jax.jit(small_model.apply), (small,)
+  return _compile(small_model.apply), (small,)
 
 
 # Format name -> builder(model, variables, sparsity, multiple_of) -> (compiled forward,

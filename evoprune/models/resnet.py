@@ -76,8 +76,10 @@ class BasicBlock(nn.Module):
     elif extra:
       # Option A: zero channels, split evenly on both sides, add no parameters.
       shortcut = jnp.pad(shortcut, ((0, 0), (0, 0), (0, 0), (extra // 2, extra - extra // 2)))
-    # Its own buffer on CPU: the next block reads it twice (ops.materialize).
-    return ops.materialize(nn.relu(y + shortcut))
+    y = nn.relu(y + shortcut)
+    # Training: its own buffer on CPU, read by the next block twice (ops.materialize). In
+    # inference XLA's fusion is no slower (dense ResNet-20, batch 256: 1.03x with it).
+    return ops.materialize(y) if train else y
 
 
 class CifarResNet(nn.Module):
