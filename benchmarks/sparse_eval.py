@@ -25,10 +25,10 @@ Every format is compiled as evoprune compiles its own programs (`ep.ops.compiler
 on CPU, dense convolutions on Eigen instead of YNNPACK, which ran them single-threaded).
 Measured (`--models=thesis_cnn,resnet20 --sparsities=0.5`, shrunk, dense = 1, batch 256):
 
-  machine                                   thesis_cnn   resnet20   dense ms (thesis, resnet20)
-  2-core AMD EPYC, AVX2, load 1-2 (now)     3.25x        2.40x      61, 429
-  same, XLA's default options (before)      2.91x        3.40x      159, 807
-  2-core AVX-512 CPU, default options,      3.60-3.86x   2.03-2.21x (earlier runs)
+  machine                                   thesis_cnn   resnet20     dense ms (thesis, resnet20)
+  2-core AMD EPYC, AVX2, load 1-2, 2 runs   3.25-3.29x   2.35-2.40x   61-70, 429-490
+  same, XLA's default options (before)      2.91x        3.40x        159, 807
+  2-core AVX-512 CPU, default options,      3.60-3.86x   2.03-2.21x   (earlier runs)
   idle
 
 With XLA's default options the ResNet-20 ratio looked better only because dense was slow

@@ -55,7 +55,10 @@ Tried and dropped (slower in the whole step): col2im input gradients, im2col for
 all convolutions, padding channels so XLA picks YNNPACK, chunked XLA convolutions, strided
 weight gradients as convolutions with a kernel dilated by the stride, materialising the
 output gradient too, im2col input gradients with few channels on one core (space-to-depth
-is faster on one core and on two: 16->6 5x5 at 14x14, 9.9 -> 6.9 ms on one core).
+is faster on one core and on two: 16->6 5x5 at 14x14, 9.9 -> 6.9 ms on one core), a
+stride-1 weight gradient with the images stacked along the height (one transpose instead of
+two; ResNet-20 step 1.08x slower), weight gradients split over batch halves or quarters,
+and the max-pool gradient as one fusion interleaving the window positions.
 
 `describe()` names the implementation `auto` uses on the default backend. Setting the
 environment variable `EVOPRUNE_OPS=xla` before tracing turns the CPU formulations off
