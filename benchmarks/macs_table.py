@@ -21,12 +21,15 @@ JSON: {"<model>": {"dense_macs", "dense_ms", "batch",
                                                    "latency_ms", "speedup"}}}}
 (`macs_ratio` = macs / dense_macs; `speedup` = dense_ms / latency_ms). MACs are per example.
 
-Measured (shared 2-core CPU): unstructured latency stays at 1.0x at every ratio; the shrunk
-thesis CNN runs 2.9x / 3.7x / 6.6x faster at 0.5 / 0.7 / 0.9, ResNet-20 1.8x / 1.7x /
-4.5x. At 0.1-0.3 exact ratios leave odd widths (29, 58, ...) that XLA:CPU runs slower
-than the dense widths (down to 0.7x); `--multiple_of=16` gives the thesis CNN 2.8x at 0.3.
+Measured (2-core AMD EPYC, AVX2, load 1-2; every model compiled with
+`ep.ops.compiler_options()`, as evoprune's own programs are): unstructured latency stays at
+1.0x at every ratio; the shrunk thesis CNN runs 3.1x / 3.6x / 8.4x faster at 0.5 / 0.7 / 0.9,
+ResNet-20 2.5x / 2.6x / 10.8x. At 0.1-0.3 exact ratios leave odd widths (29, 58, ...) that
+XLA:CPU runs slower than the dense widths (down to 0.67x); `--multiple_of=16` gave the thesis
+CNN 2.8x at 0.3 (earlier run, XLA's default options).
 """
 
+import functools
 import json
 from typing import Any
 
@@ -71,19 +74,21 @@ def measure(name: str, ratios: list[float], batch: int, rounds: int,
   variables = dict(jax.jit(model.init)(jax.random.key(0), x[:1]))
   params, stats = variables["params"], variables.get("batch_stats")
   dense_macs = ep.cost.report(model, params, None, shape, batch_stats=stats)["macs"]["dense"]
-  calls = {("dense", None): (jax.jit(model.apply), variables)}
+  # Compiled as evoprune compiles its own programs (on CPU: Eigen convolutions).
+  compile_ = functools.partial(jax.jit, compiler_options=ep.ops.compiler_options())
+  calls = {("dense", None): (compile_(model.apply), variables)}
   macs = {}
   for r in ratios:
     masks = magnitude_masks(model, params, r)
     macs[("unstructured", r)] = ep.cost.report(
         model, params, masks, shape, batch_stats=stats)["macs"]["effective"]
-    calls[("unstructured", r)] = (jax.jit(model.apply),
+    calls[("unstructured", r)] = (compile_(model.apply),
                                   {**variables, "params": ep.masks.apply(params, masks)})
     masks = ep.surgery.structured(model, params, r, multiple_of=multiple_of)
     macs[("structured", r)] = ep.cost.report(
         model, params, masks, shape, batch_stats=stats, physical=True)["macs"]["physical"]
     small_model, small = ep.surgery.shrink(model, variables, masks, strict=False)
-    calls[("structured", r)] = (jax.jit(small_model.apply), small)
+    calls[("structured", r)] = (compile_(small_model.apply), small)
   times = ep.cost.latency(
       {key: (lambda f=f, v=v: f(v, x)) for key, (f, v) in calls.items()}, rounds=rounds)
   dense_ms = times[("dense", None)]
