@@ -22,7 +22,7 @@ JSON: {"<model>": {"dense_macs", "dense_ms", "batch",
 (`macs_ratio` = macs / dense_macs; `speedup` = dense_ms / latency_ms). MACs are per example.
 
 Measured (2-core AMD EPYC, AVX2, load 1-2; every model compiled with
-`ep.ops.compiler_options()`, as evoprune's own programs are): unstructured latency stays at
+`ep.ops.compiler_options()`, as evoprune's training programs are): unstructured latency stays at
 1.0x at every ratio; the shrunk thesis CNN runs 3.1x / 3.6x / 8.4x faster at 0.5 / 0.7 / 0.9,
 ResNet-20 2.5x / 2.6x / 10.8x. At 0.1-0.3 exact ratios leave odd widths (29, 58, ...) that
 XLA:CPU runs slower than the dense widths (down to 0.67x); `--multiple_of=16` gave the thesis
@@ -74,7 +74,7 @@ def measure(name: str, ratios: list[float], batch: int, rounds: int,
   variables = dict(jax.jit(model.init)(jax.random.key(0), x[:1]))
   params, stats = variables["params"], variables.get("batch_stats")
   dense_macs = ep.cost.report(model, params, None, shape, batch_stats=stats)["macs"]["dense"]
-  # Compiled as evoprune compiles its own programs (on CPU: Eigen convolutions).
+  # Compiled as evoprune compiles its training programs (on CPU: Eigen convolutions).
   compile_ = functools.partial(jax.jit, compiler_options=ep.ops.compiler_options())
   calls = {("dense", None): (compile_(model.apply), variables)}
   macs = {}

@@ -21,7 +21,7 @@ speedup = dense / format at batch 256; with --breakdown also "resnet20_convs" (s
 at batch 256 for thesis_cnn and resnet20 (their MACs fall ~3.4x and ~4x). On XLA:CPU
 sparse formats lose to dense unless the layer is extremely sparse; the table says so.
 
-Every format is compiled as evoprune compiles its own programs (`ep.ops.compiler_options()`:
+Every format is compiled as evoprune compiles its training programs (`ep.ops.compiler_options()`:
 on CPU, dense convolutions on Eigen instead of YNNPACK, which ran them single-threaded).
 Measured (`--models=thesis_cnn,resnet20 --sparsities=0.5`, shrunk, dense = 1, batch 256):
 
@@ -104,7 +104,7 @@ def magnitude_masks(model: nn.Module, params: Any, sparsity: float) -> Any:
 
 
 def _compile(fn: Callable) -> Callable:
-  """fn compiled as evoprune compiles its programs (`ep.ops.compiler_options()`)."""
+  """fn compiled as evoprune compiles its training programs (`ep.ops.compiler_options()`)."""
   return jax.jit(fn, compiler_options=ep.ops.compiler_options())
 
 
