@@ -27,11 +27,11 @@ Measured (`--models=thesis_cnn,resnet20 --sparsities=0.5`, shrunk, dense = 1, ba
 
   machine                                   thesis_cnn   resnet20     dense ms (thesis, resnet20)
   2-core AMD EPYC, AVX2, load 1-2, 2 runs   3.25-3.29x   2.35-2.40x   61-70, 429-490
-  same, XLA's default options (before)      2.91x        3.40x        159, 807
+  same, XLA's default options               3.22x        3.06x        146, 625
   2-core AVX-512 CPU, default options,      3.60-3.86x   2.03-2.21x   (earlier runs)
   idle
 
-With XLA's default options the ResNet-20 ratio looked better only because dense was slow
+With XLA's default options the ResNet-20 ratio looks better only because dense is slower
 (YNNPACK's convolution); with Eigen both get faster and shrunk ResNet-20 still runs 2.4x
 faster. masked and bcoo stay at ~1.0x on the CNNs; on LeNet-300-100 bcoo is 50-100x slower
 than dense at 0.5-0.8 and only catches up at 0.99.
