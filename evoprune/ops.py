@@ -438,12 +438,10 @@ def _dense(x, kernel, strides, padding):
 _BLOCK = 2
 
 
-def _square_counts(window: tuple[int, int], out_hw: tuple[int, int]
-                   ) -> tuple[list[int], list[int]]:
-  """(taps, squares): the kernel's extent and the output's, in `_BLOCK`-pixel squares."""
-  taps = [(k + _BLOCK - 2) // _BLOCK + 1 for k in window]
-  squares = [-(-n // _BLOCK) for n in out_hw]
-  return taps, squares
+def _square_taps(window: tuple[int, int]) -> list[int]:
+  """The kernel's extent in `_BLOCK`-pixel squares: a window of k pixels starts anywhere
+  in a square, so it touches (k + block - 2) // block + 1 of them."""
+  return [(k + _BLOCK - 2) // _BLOCK + 1 for k in window]
 
 
 def _to_squares(x: jax.Array, pads: Sequence[tuple[int, int]]) -> jax.Array:
@@ -463,7 +461,7 @@ def _squared_kernel(kernel: jax.Array) -> jax.Array:
   kernel[block*U + p - r, block*V + q - s, c, o] (zero outside the window). Linear."""
   kh, kw, c_in, c_out = kernel.shape
   block = _BLOCK
-  taps, _ = _square_counts((kh, kw), (1, 1))
+  taps = _square_taps((kh, kw))
   padded = jnp.pad(kernel, ((block - 1, block * taps[0] - kh), (block - 1, block * taps[1] - kw),
                             (0, 0), (0, 0)))
   offsets = np.arange(block)[:, None] - np.arange(block)[None, :] + block - 1  # [p, r]
@@ -477,8 +475,8 @@ def _squared_kernel(kernel: jax.Array) -> jax.Array:
 def _input_squares(x: jax.Array, window: tuple[int, int],
                    padding: tuple[tuple[int, int], ...]) -> tuple[jax.Array, list[int]]:
   """x as the squares a stride-1 convolution reads: (`_to_squares` input, output squares)."""
-  out_hw = _out_hw(x.shape, window, (1, 1), padding)
-  taps, squares = _square_counts(window, out_hw)
+  taps = _square_taps(window)
+  squares = [-(-n // _BLOCK) for n in _out_hw(x.shape, window, (1, 1), padding)]
   pads = [(lo, _BLOCK * (s + t - 1) - size - lo)
           for (lo, _), s, t, size in zip(padding, squares, taps, x.shape[1:3])]
   return _to_squares(x, pads), squares
