@@ -1,4 +1,4 @@
-"""Convolution and max pooling with fast XLA:CPU formulations, selected by backend.
+"""Convolution, max pooling and batch norm with fast XLA:CPU formulations, selected by backend.
 
 `conv_general_dilated` is a drop-in for `lax.conv_general_dilated` (the zoo passes it to
 `flax.linen.Conv(conv_general_dilated=...)`) and `max_pool` one for `flax.linen.max_pool`.
@@ -49,7 +49,10 @@ The formulations:
     (one loop fusion), their weight gradient per-tap reductions over batch chunks;
   - max pooling with window == strides and VALID padding is an elementwise maximum of
     the strided window views; its gradient goes to the first maximum of each window in
-    row-major order, exactly as XLA's select-and-scatter does, so ties are broken alike.
+    row-major order, exactly as XLA's select-and-scatter does, so ties are broken alike;
+  - training-mode batch norm (`batch_norm`, optionally fused with ReLU) has its gradient
+    written out: two reductions and one elementwise pass over x, which autodiff of flax's
+    arithmetic spread over four reductions and a stored x - mean.
 
 Tried and dropped (slower in the whole step): col2im input gradients, im2col forward for
 all convolutions, padding channels so XLA picks YNNPACK, chunked XLA convolutions, strided
@@ -158,7 +161,8 @@ def describe(backend: str | None = None) -> str:
   return ("cpu (conv: XLA forward/input grad (Eigen in training programs), weight grad "
           "as a canonical conv (stride 1) or chunked im2col matmuls (strided), few-channel "
           "stride-1 convs on the space-to-depth input; 1x1 as matmul; depthwise as "
-          "shifted multiply-adds; max pool: max of strided views, first-max grad)")
+          "shifted multiply-adds; max pool: max of strided views, first-max grad; batch "
+          "norm: written-out gradient)")
 
 
 # ------------------------------------------------------------------------------ pooling
@@ -253,6 +257,86 @@ def _max_pool_bwd(window, residuals, g):
 
 
 _max_pool_views.defvjp(_max_pool_fwd, _max_pool_bwd)
+
+
+# --------------------------------------------------------------------------- batch norm
+
+
+def batch_norm(x: jax.Array, scale: jax.Array, bias: jax.Array, *, epsilon: float,
+               relu: bool = False, impl: str = "auto"
+               ) -> tuple[jax.Array, jax.Array, jax.Array]:
+  """Training-mode batch normalization over every axis but the last, then optional ReLU.
+
+  The arithmetic of `flax.linen.BatchNorm(use_fast_variance=True)`: mean and E[x^2] - mean^2
+  (clipped at 0) over the batch, y = (x - mean) * (scale * rsqrt(var + epsilon)) + bias.
+
+  On CPU the gradient is written out (`_batch_norm_cpu`): the backward pass recomputes
+  x - mean and the ReLU mask from x instead of reading autodiff's saved x - mean, and folds
+  the four reductions of JAX's derivative into two. ResNet-20 train step (2-core AMD EPYC,
+  batch 128, same process): 0.94 of flax's batch norm followed by `nn.relu`.
+
+  Args:
+    x: [..., C] activations.
+    scale, bias: [C] affine parameters.
+    epsilon: added to the variance.
+    relu: apply max(y, 0) to the output.
+    impl: 'auto' (the CPU formulation on CPU, plain autodiff elsewhere), 'xla' or 'cpu'.
+
+  Returns:
+    (y [..., C], mean [C], var [C]); the statistics carry no gradient (they feed the
+    running averages).
+  """
+  impl = _check_impl(impl)
+  reference = functools.partial(_batch_norm_xla, epsilon=epsilon, relu=relu)
+  cpu = functools.partial(_batch_norm_cpu, epsilon=epsilon, relu=relu)
+  if impl == "xla":
+    outputs = reference(x, scale, bias)
+  elif impl == "cpu":
+    outputs = cpu(x, scale, bias)
+  else:
+    outputs = lax.platform_dependent(x, scale, bias, cpu=cpu, default=reference)
+  y, mean, var = outputs
+  return y, lax.stop_gradient(mean), lax.stop_gradient(var)
+
+
+def _batch_stats(x: jax.Array) -> tuple[jax.Array, jax.Array]:
+  axes = tuple(range(x.ndim - 1))
+  mean = jnp.mean(x, axes)
+  return mean, jnp.maximum(jnp.mean(x * x, axes) - mean * mean, 0)
+
+
+def _batch_norm_xla(x, scale, bias, *, epsilon, relu):
+  mean, var = _batch_stats(x)
+  y = (x - mean) * (scale * lax.rsqrt(var + epsilon)) + bias
+  return (jnp.maximum(y, 0) if relu else y), mean, var
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(3, 4))
+def _batch_norm_cpu(x, scale, bias, epsilon, relu):
+  return _batch_norm_xla(x, scale, bias, epsilon=epsilon, relu=relu)
+
+
+def _batch_norm_cpu_fwd(x, scale, bias, epsilon, relu):
+  y, mean, var = _batch_norm_xla(x, scale, bias, epsilon=epsilon, relu=relu)
+  return (y, mean, var), (x, scale, bias, mean, lax.rsqrt(var + epsilon))
+
+
+def _batch_norm_cpu_bwd(epsilon, relu, residuals, cotangents):
+  # The statistics leave `batch_norm` through stop_gradient: their cotangents are zero.
+  g = cotangents[0]
+  x, scale, bias, mean, inv_std = residuals
+  axes, count = tuple(range(x.ndim - 1)), math.prod(x.shape[:-1])
+  centered = x - mean  # recomputed in each consumer's fusion, never stored
+  if relu:
+    g = jnp.where(centered * (scale * inv_std) + bias > 0, g, jnp.zeros((), g.dtype))
+  g_sum = jnp.sum(g, axes)                              # dL/dbias
+  g_normalized = jnp.sum(g * centered, axes) * inv_std  # dL/dscale
+  a = scale * inv_std
+  dx = a * (g - g_sum / count) - centered * (a * inv_std * g_normalized / count)
+  return dx.astype(x.dtype), g_normalized.astype(scale.dtype), g_sum.astype(bias.dtype)
+
+
+_batch_norm_cpu.defvjp(_batch_norm_cpu_fwd, _batch_norm_cpu_bwd)
 
 
 # -------------------------------------------------------------------------- convolution
@@ -594,7 +678,9 @@ def _input_grad(g, kernel, x_shape, strides, padding):
 
 def _dense_bwd(strides, padding, residuals, g):
   x, xt, kernel = residuals
-  x = _materialized(x)
+  # g too: otherwise the batch norm backward that produces it is fused into (recomputed in
+  # transposed loop order by) the weight gradient's transpose of g, 30 ms each in ResNet-20.
+  x, g = _materialized(x), _materialized(g)
   dx = _input_grad(g, kernel, x.shape, strides, padding)
   if strides == (1, 1):
     return dx, _weight_grad_conv(x, g, padding).astype(kernel.dtype)

@@ -1,5 +1,7 @@
-"""Tests for evoprune.ops: values and gradients against lax.conv_general_dilated / max pool."""
+"""Tests for evoprune.ops: values and gradients against lax.conv_general_dilated, max pool
+and flax's BatchNorm."""
 
+import functools
 import os
 from unittest import mock
 
@@ -294,6 +296,75 @@ class ConvModuleTest(absltest.TestCase):
 
     params = jax.eval_shape(Two().init, jax.random.key(0), jnp.zeros((1, 6, 6, 1)))["params"]
     self.assertEqual(sorted(params), ["Conv_0", "Conv_1"])
+
+
+class BatchNormTest(parameterized.TestCase):
+
+  def _flax(self, variables, x, relu):
+    """flax's BatchNorm (training mode) then ReLU: output and updated batch_stats."""
+    y, updates = nn.BatchNorm(use_running_average=False, momentum=layers.BN_MOMENTUM,
+                              epsilon=layers.BN_EPSILON).apply(
+                                  variables, x, mutable=["batch_stats"])
+    return (nn.relu(y) if relu else y), updates
+
+  def _variables(self, x):
+    variables = nn.BatchNorm(use_running_average=False).init(jax.random.key(0), x)
+    # Non-trivial scale, shift and running statistics; one channel with scale 0 (pruned).
+    variables = jax.tree.map(lambda v: v + _random(v.shape, v.size) * 0.5, variables)
+    variables["params"]["scale"] = variables["params"]["scale"].at[0].set(0.0)
+    return variables
+
+  @parameterized.product(relu=(False, True), impl=("cpu", "xla", "auto"))
+  def test_value_gradients_and_statistics_match_flax(self, relu, impl):
+    x = _random((6, 5, 4, 3), 40) * 3 + 1
+    variables = self._variables(x)
+    cotangent = _random(x.shape, 41)
+
+    def loss(module_fn, variables, x):
+      y, updates = module_fn(variables, x)
+      return jnp.sum(y * cotangent), (y, updates)
+
+    def ours(variables, x):
+      with mock.patch.object(ops, "batch_norm", functools.partial(ops.batch_norm, impl=impl)):
+        return layers.BatchNorm(relu=relu).apply(variables, x, mutable=["batch_stats"])
+
+    grad = lambda fn: jax.jit(jax.grad(functools.partial(loss, fn), (0, 1), has_aux=True))
+    (dvars, dx), (y, updates) = grad(ours)(variables, x)
+    (dvars_ref, dx_ref), (y_ref, updates_ref) = grad(
+        functools.partial(self._flax, relu=relu))(variables, x)
+    _assert_close(self, y, y_ref)
+    _assert_close(self, dx, dx_ref, rtol=1e-5)
+    for name in ("scale", "bias"):
+      _assert_close(self, dvars["params"][name], dvars_ref["params"][name], rtol=1e-5)
+    for name in ("mean", "var"):
+      _assert_close(self, updates["batch_stats"][name], updates_ref["batch_stats"][name])
+
+  def test_statistics_carry_no_gradient(self):
+    x = _random((4, 3, 3, 2), 42)
+    for impl in ("cpu", "xla"):
+      grad = jax.grad(lambda x: jnp.sum(ops.batch_norm(
+          x, jnp.ones(2), jnp.zeros(2), epsilon=1e-5, impl=impl)[1] ** 2))(x)
+      np.testing.assert_array_equal(grad, jnp.zeros_like(x))
+
+  def test_module_has_flax_variables_and_inference(self):
+    x = _random((4, 3, 3, 5), 43)
+    ours = jax.eval_shape(layers.BatchNorm().init, jax.random.key(0), x)
+    theirs = jax.eval_shape(nn.BatchNorm(use_running_average=False).init, jax.random.key(0), x)
+    self.assertEqual(jax.tree.map(lambda v: (v.shape, v.dtype), ours),
+                     jax.tree.map(lambda v: (v.shape, v.dtype), theirs))
+    variables = self._variables(x)
+    for relu in (False, True):
+      y = layers.BatchNorm(use_running_average=True, relu=relu).apply(variables, x)
+      y_ref = nn.BatchNorm(use_running_average=True, epsilon=layers.BN_EPSILON).apply(variables, x)
+      _assert_close(self, y, nn.relu(y_ref) if relu else y_ref)
+
+  def test_auto_stages_both_versions(self):
+    x = _random((2, 3, 3, 2), 44)
+    fn = lambda x, impl: ops.batch_norm(x, jnp.ones(2), jnp.zeros(2), epsilon=1e-5, impl=impl)
+    self.assertIn("platform_index", str(jax.make_jaxpr(lambda x: fn(x, "auto"))(x)))
+    self.assertNotIn("custom_vjp", str(jax.make_jaxpr(lambda x: fn(x, "xla"))(x)))
+    with self.assertRaisesRegex(ValueError, "impl='tpu'"):
+      fn(x, "tpu")
 
 
 class MaxPoolTest(parameterized.TestCase):

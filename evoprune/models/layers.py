@@ -102,13 +102,46 @@ class ConvBN(nn.Module):
         kernel_init=nn.initializers.he_normal(),
         name="conv",
     )(x)
-    x = nn.BatchNorm(
-        use_running_average=not train,
-        momentum=BN_MOMENTUM,
-        epsilon=BN_EPSILON,
-        name="norm",
-    )(x)
-    return nn.relu(x) if self.relu else x
+    return BatchNorm(use_running_average=not train, relu=self.relu, name="norm")(x)
+
+
+class BatchNorm(nn.Module):
+  """`flax.linen.BatchNorm` over the channel axis, fused with an optional ReLU.
+
+  The same variables (params `scale`, `bias`; batch_stats `mean`, `var`) and arithmetic
+  as `nn.BatchNorm(momentum, epsilon)` followed by `nn.relu`; in training the batch
+  normalization is `evoprune.ops.batch_norm`, whose gradient on CPU is written out.
+
+  Attributes:
+    use_running_average: normalize with the running statistics (inference) instead of the
+      batch's (and update the running ones).
+    relu: apply ReLU to the output.
+    momentum: decay of the running statistics.
+    epsilon: added to the variance.
+  """
+
+  use_running_average: bool = False
+  relu: bool = False
+  momentum: float = BN_MOMENTUM
+  epsilon: float = BN_EPSILON
+
+  @nn.compact
+  def __call__(self, x: jax.Array) -> jax.Array:
+    """[..., C] -> [..., C]."""
+    features = (x.shape[-1],)
+    running_mean = self.variable("batch_stats", "mean", jnp.zeros, features, jnp.float32)
+    running_var = self.variable("batch_stats", "var", jnp.ones, features, jnp.float32)
+    scale = self.param("scale", nn.initializers.ones, features, jnp.float32)
+    bias = self.param("bias", nn.initializers.zeros, features, jnp.float32)
+    if self.use_running_average:
+      y = (x - running_mean.value) * (
+          scale * jax.lax.rsqrt(running_var.value + self.epsilon)) + bias
+      return nn.relu(y) if self.relu else y
+    y, mean, var = ops.batch_norm(x, scale, bias, epsilon=self.epsilon, relu=self.relu)
+    if not self.is_initializing():
+      running_mean.value = self.momentum * running_mean.value + (1 - self.momentum) * mean
+      running_var.value = self.momentum * running_var.value + (1 - self.momentum) * var
+    return y
 
 
 def global_avg_pool(x: jax.Array) -> jax.Array:
