@@ -326,13 +326,15 @@ def _batch_norm_cpu_bwd(epsilon, relu, residuals, cotangents):
   g = cotangents[0]
   x, scale, bias, mean, inv_std = residuals
   axes, count = tuple(range(x.ndim - 1)), math.prod(x.shape[:-1])
-  centered = x - mean  # recomputed in each consumer's fusion, never stored
-  if relu:
-    g = jnp.where(centered * (scale * inv_std) + bias > 0, g, jnp.zeros((), g.dtype))
-  g_sum = jnp.sum(g, axes)                              # dL/dbias
-  g_normalized = jnp.sum(g * centered, axes) * inv_std  # dL/dscale
   a = scale * inv_std
-  dx = a * (g - g_sum / count) - centered * (a * inv_std * g_normalized / count)
+  if relu:
+    g = jnp.where(x * a + (bias - mean * a) > 0, g, jnp.zeros((), g.dtype))
+  # Each pass reads x itself: a shared x - mean would be stored by the forward pass.
+  # sum(g * (x - mean)) as sum(g * x) - mean * sum(g): the cancellation flax's
+  # E[x^2] - E[x]^2 variance already accepts.
+  g_sum = jnp.sum(g, axes)                                               # dL/dbias
+  g_normalized = (jnp.sum(g * x, axes) - mean * g_sum) * inv_std         # dL/dscale
+  dx = a * (g - g_sum / count) - (x - mean) * (a * inv_std * g_normalized / count)
   return dx.astype(x.dtype), g_normalized.astype(scale.dtype), g_sum.astype(bias.dtype)
 
 
