@@ -14,6 +14,8 @@ import jax.numpy as jnp
 import numpy as np
 
 from evoprune import ops
+from evoprune.ops import backend
+from evoprune.ops import convolution
 from evoprune.models import layers
 
 _NHWC = ("NHWC", "HWIO", "NHWC")
@@ -88,8 +90,8 @@ class ConvTest(parameterized.TestCase):
     fn = lambda x, k: ops.conv(x, k, strides, padding, feature_group_count=groups, impl="cpu")
     grads = lambda x, k: _value_and_vjp(fn, x, k)
     whole = jax.jit(grads)(x, kernel)
-    with mock.patch.object(ops, "_CHUNK_BYTES", 1):
-      self.assertEqual(ops._chunks(x_shape[0], 100), x_shape[0])  # pylint: disable=protected-access
+    with mock.patch.object(convolution, "_CHUNK_BYTES", 1):
+      self.assertEqual(convolution._chunks(x_shape[0], 100), x_shape[0])  # pylint: disable=protected-access
       chunked = jax.jit(grads)(x, kernel)
     for a, b in zip(jax.tree.leaves(chunked), jax.tree.leaves(whole)):
       _assert_close(self, a, b)
@@ -110,9 +112,10 @@ class ConvTest(parameterized.TestCase):
     x, kernel = _random(x_shape, 15), _random(k_shape, 16)
     fn = lambda x, k: ops.conv(x, k, (1, 1), padding, impl="cpu")
     # pylint: disable=protected-access
-    with mock.patch.object(ops, "_space_to_depth_conv", wraps=ops._space_to_depth_conv) as conv, \
-        mock.patch.object(ops, "_space_to_depth_weight_grad",
-                          wraps=ops._space_to_depth_weight_grad) as weight_grad:
+    with mock.patch.object(convolution, "_space_to_depth_conv",
+                           wraps=convolution._space_to_depth_conv) as conv, \
+        mock.patch.object(convolution, "_space_to_depth_weight_grad",
+                          wraps=convolution._space_to_depth_weight_grad) as weight_grad:
       jax.make_jaxpr(lambda x, k: _value_and_vjp(fn, x, k))(x, kernel)
     self.assertEqual(conv.call_count, convs_on_squares)
     self.assertEqual(weight_grad.call_count, weight_grads_on_squares)
@@ -145,8 +148,8 @@ class ConvTest(parameterized.TestCase):
   def test_materialized_is_the_identity_even_for_nan(self):
     for value in (1.5, float("nan")):
       x = jnp.full((2, 3, 3, 2), value).at[1].set(2.0)
-      np.testing.assert_array_equal(jax.jit(ops._materialized)(x), x)  # pylint: disable=protected-access
-      batched = jax.vmap(ops._materialized)(jnp.stack([x, -x]))  # pylint: disable=protected-access
+      np.testing.assert_array_equal(jax.jit(backend._materialized)(x), x)  # pylint: disable=protected-access
+      batched = jax.vmap(backend._materialized)(jnp.stack([x, -x]))  # pylint: disable=protected-access
       np.testing.assert_array_equal(batched, jnp.stack([x, -x]))
 
   def test_materialize_is_the_identity_with_identity_gradients(self):
@@ -163,8 +166,8 @@ class ConvTest(parameterized.TestCase):
       self.assertNotIn("platform_index", str(jax.make_jaxpr(lambda v: ops.materialize(v))(x)))
 
   def test_chunks_divide_the_batch(self):
-    chunks = ops._chunks  # pylint: disable=protected-access
-    with mock.patch.object(ops, "_CHUNK_BYTES", 1000):
+    chunks = convolution._chunks  # pylint: disable=protected-access
+    with mock.patch.object(convolution, "_CHUNK_BYTES", 1000):
       self.assertEqual(chunks(12, 300), 4)  # 3 examples per chunk
       self.assertEqual(chunks(10, 300), 5)  # 3 does not divide 10: 2 per chunk
       self.assertEqual(chunks(7, 5000), 7)  # bigger than a chunk: one each
@@ -261,13 +264,13 @@ class CompilerOptionsTest(absltest.TestCase):
     _assert_close(self, eigen(x, kernel), plain(x, kernel))
 
   def test_options_are_missing_where_jaxlib_rejects_them(self):
-    ops._cpu_options_supported.cache_clear()  # pylint: disable=protected-access
+    backend._cpu_options_supported.cache_clear()  # pylint: disable=protected-access
     try:
-      with mock.patch.object(ops, "_CPU_COMPILER_OPTIONS",
+      with mock.patch.object(backend, "_CPU_COMPILER_OPTIONS",
                              (("xla_cpu_experimental_ynn_fusion_type", "NO_SUCH_TYPE"),)):
         self.assertEqual(ops.compiler_options("cpu"), {})
     finally:
-      ops._cpu_options_supported.cache_clear()  # pylint: disable=protected-access
+      backend._cpu_options_supported.cache_clear()  # pylint: disable=protected-access
 
 
 class ConvModuleTest(absltest.TestCase):
