@@ -277,7 +277,10 @@ def _space_to_depth_weight_grad(x: jax.Array, g: jax.Array, window: tuple[int, i
   back through the transpose of `_squared_kernel` (sums of the entries each tap feeds)."""
   xs, squares = _input_squares(x, window, padding)
   gs = _to_squares(g, [(0, _BLOCK * s - n) for s, n in zip(squares, g.shape[1:3])])
-  squared = _g_as_kernel_weight_grad(xs, gs, ((0, 0), (0, 0)))
+  # The squares in their own buffers: XLA fused the rearrangement into the transposes of
+  # `_g_as_kernel_weight_grad` (RGB 32x32 x, batch 128: 1.8 ms, against 0.7 in two
+  # passes; LeNet-5 train step 0.96 of without, same process).
+  squared = _g_as_kernel_weight_grad(_materialized(xs), _materialized(gs), ((0, 0), (0, 0)))
   shape = jax.ShapeDtypeStruct((*window, x.shape[-1], g.shape[-1]), squared.dtype)
   return jax.linear_transpose(_squared_kernel, shape)(squared)[0]
 
