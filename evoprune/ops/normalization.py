@@ -9,6 +9,7 @@ import jax.numpy as jnp
 
 from evoprune.ops.backend import _check_impl
 
+
 def batch_norm(x: jax.Array, scale: jax.Array, bias: jax.Array, *, epsilon: float,
                relu: bool = False, impl: str = "auto"
                ) -> tuple[jax.Array, jax.Array, jax.Array]:
@@ -17,10 +18,11 @@ def batch_norm(x: jax.Array, scale: jax.Array, bias: jax.Array, *, epsilon: floa
   The arithmetic of `flax.linen.BatchNorm(use_fast_variance=True)`: mean and E[x^2] - mean^2
   (clipped at 0) over the batch, y = (x - mean) * (scale * rsqrt(var + epsilon)) + bias.
 
-  On CPU the gradient is written out (`_batch_norm_cpu`): the backward pass recomputes
-  x - mean and the ReLU mask from x instead of reading autodiff's saved x - mean, and folds
-  the four reductions of JAX's derivative into two. ResNet-20 train step (2-core AMD EPYC,
-  batch 128, same process): 0.94 of flax's batch norm followed by `nn.relu`.
+  On CPU the gradient is written out (`_batch_norm_cpu`): every backward pass reads x
+  itself (autodiff of flax's arithmetic had the forward pass store x - mean), the ReLU
+  mask is recomputed from x, and the four reductions of JAX's derivative become two.
+  ResNet-20 train step (2-core AMD EPYC, batch 128, same process): 0.92-0.94 of flax's
+  batch norm followed by `nn.relu`.
 
   Args:
     x: [..., C] activations.

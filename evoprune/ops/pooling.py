@@ -10,6 +10,7 @@ import numpy as np
 
 from evoprune.ops.backend import Padding, _check_impl
 
+
 def max_pool(x: jax.Array, window_shape: Sequence[int] = (2, 2),
              strides: Sequence[int] | None = None, padding: Padding = "VALID", *,
              impl: str = "auto") -> jax.Array:
