@@ -17,6 +17,7 @@ _NHWC = ("NHWC", "HWIO", "NHWC")
 # stay in a core's L2 / the shared L3 while the matmul consumes them.
 _CHUNK_BYTES = 1 << 20
 
+
 def conv_general_dilated(lhs: jax.Array, rhs: jax.Array, window_strides: Sequence[int],
                          padding: Padding, lhs_dilation: Sequence[int] | None = None,
                          rhs_dilation: Sequence[int] | None = None, dimension_numbers=None,
