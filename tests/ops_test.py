@@ -377,6 +377,7 @@ class MaxPoolTest(parameterized.TestCase):
       ("odd_sizes_drop_the_remainder", (2, 7, 9, 3), (2, 2)),
       ("rectangular_window", (1, 6, 9, 2), (2, 3)),
       ("window_3", (1, 9, 9, 2), (3, 3)),
+      ("more_positions_than_int8", (1, 12, 24, 2), (12, 12)),
   )
   def test_value_and_gradient_match_flax(self, shape, window):
     # Integer values: many ties inside windows, which must be broken as XLA does.

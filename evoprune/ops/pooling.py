@@ -71,19 +71,24 @@ def _window_views(x: jax.Array, window: tuple[int, int]) -> list[jax.Array]:
 
 
 def _max_and_first(x: jax.Array, window: tuple[int, int]) -> tuple[jax.Array, jax.Array]:
-  """The window maxima [B, H', W', C] and the row-major position (int8) of each window's
-  first maximum."""
+  """The window maxima [B, H', W', C] and the row-major position of each window's first
+  maximum (`_position_dtype`)."""
   views = _window_views(x, window)
   y = functools.reduce(jnp.maximum, views)
-  first = jnp.full(y.shape, len(views) - 1, jnp.int8)
+  dtype = _position_dtype(window)
+  first = jnp.full(y.shape, len(views) - 1, dtype)
   for position in reversed(range(len(views) - 1)):
-    first = jnp.where(views[position] == y, jnp.int8(position), first)
+    first = jnp.where(views[position] == y, jnp.asarray(position, dtype), first)
   return y, first
+
+
+def _position_dtype(window: tuple[int, int]) -> np.dtype:
+  """int8 (a quarter of a float's bytes) where it holds every window position."""
+  return np.dtype(np.int8 if window[0] * window[1] <= np.iinfo(np.int8).max else np.int32)
 
 
 def _max_pool_fwd(x, window, size):
-  y, first = _max_and_first(x, window)
-  return y, first
+  return _max_and_first(x, window)
 
 
 def _max_pool_bwd(window, size, first, g):
@@ -95,7 +100,8 @@ def _max_pool_bwd(window, size, first, g):
   # output and recomputed their producers (thesis CNN train step 0.92 of that, same
   # process; LeNet-5 equal).
   (wh, ww), (b, ho, wo, c) = window, g.shape
-  positions = np.arange(wh * ww, dtype=np.int8).reshape(1, 1, wh, 1, ww, 1)
+  positions = np.arange(wh * ww, dtype=_position_dtype(window))
+  positions = positions.reshape(1, 1, wh, 1, ww, 1)
   dx = jnp.where(first[:, :, None, :, None, :] == positions, g[:, :, None, :, None, :],
                  jnp.zeros((), g.dtype)).reshape(b, ho * wh, wo * ww, c)
   # Rows and columns that fill no window get no gradient.
