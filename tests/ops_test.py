@@ -58,6 +58,8 @@ _CONVS = (
     ("depthwise", (2, 6, 6, 5), (3, 3, 1, 5), (1, 1), ((1, 1), (1, 1)), 5),
     ("depthwise_stride2", (2, 7, 7, 4), (3, 3, 1, 4), (2, 2), ((1, 1), (1, 1)), 4),
     ("depthwise_5x5_valid", (2, 8, 8, 3), (5, 5, 1, 3), (1, 1), "VALID", 3),
+    ("few_inputs_many_outputs", (2, 11, 10, 6), (5, 4, 6, 16), (1, 1), ((1, 0), (0, 2)), 1),
+    ("rgb_padding_beyond_window", (2, 6, 7, 3), (3, 3, 3, 5), (1, 1), ((3, 0), (0, 4)), 1),
 )
 
 
@@ -98,15 +100,17 @@ class ConvTest(parameterized.TestCase):
 
   @parameterized.named_parameters(
       # (x shape, kernel shape, padding, forward and input-gradient convolutions on
-      # squares, weight gradient on squares)
-      ("lenet5_conv1", (2, 12, 12, 3), (5, 5, 3, 6), "VALID", 2, 1),
-      ("rgb_many_outputs", (2, 8, 8, 3), (3, 3, 3, 32), "VALID", 1, 0),
-      ("few_channels_both_ways", (2, 9, 9, 6), (5, 5, 6, 7), "SAME", 2, 1),
-      ("few_output_channels_same", (2, 8, 8, 16), (3, 3, 16, 6), "SAME", 2, 0),
-      ("many_channels", (2, 8, 8, 16), (3, 3, 16, 32), "SAME", 0, 0),
+      # squares, weight gradients on squares, input gradients as the squares' transpose)
+      ("lenet5_conv1", (2, 12, 12, 3), (5, 5, 3, 6), "VALID", 1, 1, 1),
+      ("lenet5_conv2", (2, 14, 14, 6), (5, 5, 6, 16), "VALID", 1, 0, 1),
+      ("rgb_many_outputs", (2, 8, 8, 3), (3, 3, 3, 32), "VALID", 0, 0, 1),
+      ("few_channels_both_ways", (2, 9, 9, 6), (5, 5, 6, 7), "SAME", 2, 1, 0),
+      ("few_output_channels_same", (2, 8, 8, 16), (3, 3, 16, 6), "SAME", 2, 0, 0),
+      ("many_channels", (2, 8, 8, 16), (3, 3, 16, 32), "SAME", 0, 0, 0),
   )
   def test_few_channel_convolutions_run_on_squares(self, x_shape, k_shape, padding,
-                                                   convs_on_squares, weight_grads_on_squares):
+                                                   convs_on_squares, weight_grads_on_squares,
+                                                   transposed_input_grads):
     # Which stride-1 convolutions run on 2x2 space-to-depth squares (values are checked
     # against lax in the tests above).
     x, kernel = _random(x_shape, 15), _random(k_shape, 16)
@@ -115,10 +119,13 @@ class ConvTest(parameterized.TestCase):
     with mock.patch.object(convolution, "_space_to_depth_conv",
                            wraps=convolution._space_to_depth_conv) as conv, \
         mock.patch.object(convolution, "_space_to_depth_weight_grad",
-                          wraps=convolution._space_to_depth_weight_grad) as weight_grad:
+                          wraps=convolution._space_to_depth_weight_grad) as weight_grad, \
+        mock.patch.object(convolution, "_space_to_depth_input_grad",
+                          wraps=convolution._space_to_depth_input_grad) as input_grad:
       jax.make_jaxpr(lambda x, k: _value_and_vjp(fn, x, k))(x, kernel)
     self.assertEqual(conv.call_count, convs_on_squares)
     self.assertEqual(weight_grad.call_count, weight_grads_on_squares)
+    self.assertEqual(input_grad.call_count, transposed_input_grads)
 
   @parameterized.named_parameters(
       # x as the kernel: size-preserving padding, >= 8 input channels (mirrored padding).

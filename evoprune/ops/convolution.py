@@ -155,9 +155,11 @@ def _map_chunks(fn, x: jax.Array, num_chunks: int) -> jax.Array:
 # Dense k x k. Forward and input gradient: XLA's convolutions (Eigen in the training
 # programs; the input gradient written out as a plain convolution, see `_input_grad`),
 # except: stride-1 convolutions with few channels on either side run on the 2x2
-# space-to-depth input (`_space_to_depth_conv`), and strided ones with fewer than
-# `_SMALL_C_IN` input channels (RGB images) as chunked im2col matmuls. Weight gradient: one
-# canonical convolution with stride 1 (`_weight_grad_conv`), else chunked im2col matmuls.
+# space-to-depth input (`_space_to_depth_conv`), stride-1 input gradients with few input
+# channels as that form's transpose (`_space_to_depth_input_grad`), and strided
+# convolutions with fewer than `_SMALL_C_IN` input channels (RGB images) as chunked im2col
+# matmuls. Weight gradient: one canonical convolution with stride 1
+# (`_weight_grad_conv`), else chunked im2col matmuls.
 _SMALL_C_IN = 4
 # Below this many channels Eigen's convolution kernels run at a few GFLOP/s (they block
 # the feature axes by 8: AVX2 lanes).
@@ -286,6 +288,63 @@ def _space_to_depth_weight_grad(x: jax.Array, g: jax.Array, window: tuple[int, i
   return jax.linear_transpose(_squared_kernel, shape)(squared)[0]
 
 
+def _prefers_transposed_input_grad(c_in: int, c_out: int) -> bool:
+  """Whether the input gradient of a stride-1 C_in -> C_out convolution runs faster as
+  `_space_to_depth_input_grad` than as a convolution of g (on squares, since C_in < 8).
+
+  Measured inside `lax.scan`, batch 128, 2-core AMD EPYC, ms, convolution of g on squares
+  -> transposed: 3x3 SAME at 32x32 3->6 5.8 -> 3.2, 3->16 16 -> 5.8, 6->16 9.6 -> 9.4,
+  6->32 22 -> 17, but 6->6 3.8 -> 4.8, 6->8 4.9 -> 5.9, 8->6 4.5 -> 6.3; 5x5 VALID at
+  14x14 6->16 (LeNet-5's conv2) 5.1 -> 2.6; at 16x16 alike.
+  """
+  return c_in < _SMALL_C_IN or (c_in < _FEW_CHANNELS and c_out >= 2 * _FEW_CHANNELS)
+
+
+def _space_to_depth_input_grad(g: jax.Array, kernel: jax.Array, x_shape: Sequence[int],
+                               padding: tuple[tuple[int, int], ...]) -> jax.Array:
+  """dL/dx of a stride-1 convolution as the transpose of `_space_to_depth_conv`.
+
+  g's squares [B, S, S', 4 C_out] times the squared kernel, one matmul with every tap's
+  [4 C_out, 4 C_in] block side by side, then each tap's product added in at its offset
+  (`_shifted_sum`): the input squares' gradient, mapped back to pixels by the transpose of
+  `_input_squares`. Written as a convolution of g, the same gradient multiplies the
+  (kh - 1)-wide zero border that padding g adds; here only g's own squares are multiplied.
+  """
+  squares = [-(-n // _BLOCK) for n in g.shape[1:3]]
+  gs = _to_squares(g, [(0, _BLOCK * s - n) for s, n in zip(squares, g.shape[1:3])])
+  squared = _squared_kernel(kernel)                # [taps_h, taps_w, 4 C_in, 4 C_out]
+  taps_h, taps_w, c_in, c_out = squared.shape
+  weights = squared.transpose(3, 0, 1, 2).reshape(c_out, taps_h * taps_w * c_in)
+  products = lax.dot_general(gs, weights, (((3,), (0,)), ((), ())))
+  dxs = _shifted_sum(products.reshape(*gs.shape[:3], taps_h, taps_w, c_in))
+  input_squares = lambda x: _input_squares(x, kernel.shape[:2], padding)[0]
+  dx = jax.linear_transpose(input_squares, jax.ShapeDtypeStruct(x_shape, g.dtype))(dxs)[0]
+  # In its own buffer: XLA fused the shifted sum into the max-pool and ReLU backward below
+  # (LeNet-5), which read each value four times (train step 0.93 with, 1.0 without).
+  return _materialized(dx)
+
+
+def _shifted_sum(products: jax.Array) -> jax.Array:
+  """out[b, u, v] = sum_{U, V} products[b, u - U, v - V, U, V] (the col2im of a
+  correlation): [B, S, S', th, tw, C] -> [B, S + th - 1, S' + tw - 1, C].
+
+  Each row of taps is summed along W first, then the rows along H: th + th * tw shifted
+  additions, against th * tw in one sum, but each a contiguous pad (LeNet-5's conv2
+  input gradient 2.6 ms, against 2.9 in one sum).
+  """
+  th, tw = products.shape[3:5]
+  products = _materialized(products)
+  zero = jnp.zeros((), products.dtype)
+  total = None
+  for i in range(th):
+    row = functools.reduce(jnp.add, [
+        lax.pad(products[:, :, :, i, j], zero, ((0, 0, 0), (0, 0, 0), (j, tw - 1 - j, 0),
+                                                (0, 0, 0))) for j in range(tw)])
+    row = lax.pad(row, zero, ((0, 0, 0), (i, th - 1 - i, 0), (0, 0, 0), (0, 0, 0)))
+    total = row if total is None else total + row
+  return total
+
+
 def _dense_im2col(xt: jax.Array, kernel: jax.Array, strides: tuple[int, int],
                   out_hw: tuple[int, int]) -> jax.Array:
   """Forward pass over channel-major chunks xt [n, C_in, B / n, H + pads, W + pads]:
@@ -334,13 +393,17 @@ def _dense_fwd(x, kernel, strides, padding):
 
 def _input_grad(g, kernel, x_shape, strides, padding):
   """dL/dx of a dense convolution: g (dilated by the stride) convolved with the flipped
-  kernel, its in/out axes swapped in memory.
+  kernel, its in/out axes swapped in memory; stride-1 convolutions with few input
+  channels as the written-out transpose of their space-to-depth form
+  (`_space_to_depth_input_grad`).
 
   JAX's own transpose rule expresses the same convolution with a reversed kernel and
   swapped kernel dimension labels; XLA:CPU runs that form 5-18x slower inside a
   `lax.scan` body (where `training.fit` trains: the kernel is loop state), e.g. 109 ms
   instead of 6 for a 16->16 3x3 convolution at 32x32, batch 128.
   """
+  if strides == (1, 1) and _prefers_transposed_input_grad(*kernel.shape[2:]):
+    return _space_to_depth_input_grad(g, kernel, x_shape, padding)
   kh, kw = kernel.shape[:2]
   flipped = jnp.flip(kernel, (0, 1)).transpose(0, 1, 3, 2)
   pads = []
