@@ -24,7 +24,6 @@ JSON: {"<model>": {"jax_ms", "torch_ms", "jax_over_torch", "impl"}} where `impl`
 convolution / pooling implementation evoprune used (see `evoprune.ops`).
 """
 
-import functools
 import json
 import os
 import platform

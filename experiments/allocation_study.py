@@ -19,7 +19,6 @@ Every finished (seed, target, allocation) result is stored under `results/` and 
 the run is restarted with the same workdir; dense training resumes from its checkpoints.
 """
 
-import json
 import pathlib
 from typing import Any
 

@@ -15,7 +15,6 @@ import textwrap
 
 from absl.testing import absltest
 from absl.testing import parameterized
-import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
