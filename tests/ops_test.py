@@ -16,6 +16,8 @@ import numpy as np
 from evoprune import ops
 from evoprune.ops import backend
 from evoprune.ops import convolution
+from evoprune.ops import patches
+from evoprune.ops import space_to_depth
 from evoprune.models import layers
 
 _NHWC = ("NHWC", "HWIO", "NHWC")
@@ -92,8 +94,8 @@ class ConvTest(parameterized.TestCase):
     fn = lambda x, k: ops.conv(x, k, strides, padding, feature_group_count=groups, impl="cpu")
     grads = lambda x, k: _value_and_vjp(fn, x, k)
     whole = jax.jit(grads)(x, kernel)
-    with mock.patch.object(convolution, "_CHUNK_BYTES", 1):
-      self.assertEqual(convolution._chunks(x_shape[0], 100), x_shape[0])  # pylint: disable=protected-access
+    with mock.patch.object(patches, "CHUNK_BYTES", 1):
+      self.assertEqual(patches.chunks(x_shape[0], 100), x_shape[0])
       chunked = jax.jit(grads)(x, kernel)
     for a, b in zip(jax.tree.leaves(chunked), jax.tree.leaves(whole)):
       _assert_close(self, a, b)
@@ -116,12 +118,11 @@ class ConvTest(parameterized.TestCase):
     x, kernel = _random(x_shape, 15), _random(k_shape, 16)
     fn = lambda x, k: ops.conv(x, k, (1, 1), padding, impl="cpu")
     # pylint: disable=protected-access
-    with mock.patch.object(convolution, "_space_to_depth_conv",
-                           wraps=convolution._space_to_depth_conv) as conv, \
+    with mock.patch.object(space_to_depth, "conv", wraps=space_to_depth.conv) as conv, \
         mock.patch.object(convolution, "_space_to_depth_weight_grad",
                           wraps=convolution._space_to_depth_weight_grad) as weight_grad, \
-        mock.patch.object(convolution, "_space_to_depth_input_grad",
-                          wraps=convolution._space_to_depth_input_grad) as input_grad:
+        mock.patch.object(space_to_depth, "input_grad",
+                          wraps=space_to_depth.input_grad) as input_grad:
       jax.make_jaxpr(lambda x, k: _value_and_vjp(fn, x, k))(x, kernel)
     self.assertEqual(conv.call_count, convs_on_squares)
     self.assertEqual(weight_grad.call_count, weight_grads_on_squares)
@@ -173,8 +174,8 @@ class ConvTest(parameterized.TestCase):
       self.assertNotIn("platform_index", str(jax.make_jaxpr(lambda v: ops.materialize(v))(x)))
 
   def test_chunks_divide_the_batch(self):
-    chunks = convolution._chunks  # pylint: disable=protected-access
-    with mock.patch.object(convolution, "_CHUNK_BYTES", 1000):
+    chunks = patches.chunks
+    with mock.patch.object(patches, "CHUNK_BYTES", 1000):
       self.assertEqual(chunks(12, 300), 4)  # 3 examples per chunk
       self.assertEqual(chunks(10, 300), 5)  # 3 does not divide 10: 2 per chunk
       self.assertEqual(chunks(7, 5000), 7)  # bigger than a chunk: one each

@@ -78,7 +78,10 @@ environment variable `EVOPRUNE_OPS=xla` before tracing turns the CPU formulation
 does the same for what is traced inside it (`cost` counts MACs so).
 
 Modules: `backend` (which implementation is staged, compiler options, `materialize`),
-`convolution`, `pooling` and `normalization`.
+`convolution` (the public convolutions and the dense formulation), `space_to_depth`
+(few-channel stride-1 convolutions on 2x2 squares), `separable` (pointwise and depthwise),
+`patches` (output sizes, shifted views, im2col, batch chunks), `pooling` and
+`normalization`.
 """
 
 from evoprune.ops.backend import IMPLEMENTATIONS

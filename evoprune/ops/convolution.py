@@ -7,15 +7,12 @@ from collections.abc import Sequence
 import jax
 from jax import lax
 import jax.numpy as jnp
-import numpy as np
 
+from evoprune.ops import patches
+from evoprune.ops import separable
+from evoprune.ops import space_to_depth
 from evoprune.ops.backend import Padding, _check_impl, _materialized
-
-# NHWC activations, HWIO kernels: the layout of flax.linen.Conv and of the zoo.
-_NHWC = ("NHWC", "HWIO", "NHWC")
-# Bytes of im2col patches (or per-tap products) per scanned batch chunk: small enough to
-# stay in a core's L2 / the shared L3 while the matmul consumes them.
-_CHUNK_BYTES = 1 << 20
+from evoprune.ops.patches import NHWC, channel_major_patches, chunks, output_size
 
 
 def conv_general_dilated(lhs: jax.Array, rhs: jax.Array, window_strides: Sequence[int],
@@ -38,7 +35,7 @@ def conv_general_dilated(lhs: jax.Array, rhs: jax.Array, window_strides: Sequenc
       preferred_element_type=preferred_element_type)
   if lhs.ndim != 4 or rhs.ndim != 4:
     return plain(lhs, rhs)
-  nhwc = lax.conv_dimension_numbers(lhs.shape, rhs.shape, _NHWC)
+  nhwc = lax.conv_dimension_numbers(lhs.shape, rhs.shape, NHWC)
   given = lax.conv_dimension_numbers(lhs.shape, rhs.shape, dimension_numbers)
   groups = feature_group_count
   supported = (
@@ -86,9 +83,9 @@ def conv(x: jax.Array, kernel: jax.Array, strides: Sequence[int] = (1, 1),
   if impl == "xla":
     return reference(x, kernel)
   if groups > 1:
-    cpu = functools.partial(_depthwise, strides=strides, padding=padding)
+    cpu = functools.partial(separable.depthwise, strides=strides, padding=padding)
   elif kernel.shape[:2] == (1, 1) and padding == ((0, 0), (0, 0)):
-    cpu = functools.partial(_pointwise, strides=strides)
+    cpu = functools.partial(separable.pointwise, strides=strides)
   else:
     cpu = functools.partial(_dense, strides=strides, padding=padding)
   if impl == "cpu":
@@ -97,66 +94,15 @@ def conv(x: jax.Array, kernel: jax.Array, strides: Sequence[int] = (1, 1),
 
 
 def _conv_xla(x, kernel, *, strides, padding, groups):
-  return lax.conv_general_dilated(x, kernel, strides, padding, dimension_numbers=_NHWC,
+  return lax.conv_general_dilated(x, kernel, strides, padding, dimension_numbers=NHWC,
                                   feature_group_count=groups)
-
-
-def _chunks(batch: int, bytes_per_example: int, chunk_bytes: int | None = None) -> int:
-  """Number of equal batch chunks so that each holds about `chunk_bytes` (`_CHUNK_BYTES`)."""
-  chunk_bytes = _CHUNK_BYTES if chunk_bytes is None else chunk_bytes
-  per_chunk = max(1, chunk_bytes // max(bytes_per_example, 1))
-  size = max(d for d in range(1, min(per_chunk, batch) + 1) if batch % d == 0)
-  return batch // size
-
-
-def _scan_sum(fn, xs: tuple[jax.Array, ...], num_chunks: int, init: jax.Array) -> jax.Array:
-  """sum_k fn(*chunk_k(xs)) over `num_chunks` equal chunks of the leading (batch) axis."""
-  if num_chunks == 1:
-    return fn(*xs)
-  split = tuple(a.reshape(num_chunks, a.shape[0] // num_chunks, *a.shape[1:]) for a in xs)
-  total, _ = lax.scan(lambda acc, chunk: (acc + fn(*chunk), None), init, split)
-  return total
-
-
-def _taps(x: jax.Array, window: tuple[int, int], strides: tuple[int, int],
-          padding: tuple[tuple[int, int], ...], out_hw: tuple[int, int]) -> list[jax.Array]:
-  """The kh*kw shifted (strided) views of padded x: each [B, H', W', C], row-major taps."""
-  (kh, kw), (sh, sw), (ho, wo) = window, strides, out_hw
-  x = jnp.pad(x, ((0, 0), padding[0], padding[1], (0, 0)))
-  return [lax.slice(x, (0, i, j, 0), (x.shape[0], i + (ho - 1) * sh + 1,
-                                      j + (wo - 1) * sw + 1, x.shape[3]), (1, sh, sw, 1))
-          for i in range(kh) for j in range(kw)]
-
-
-def _out_hw(x_shape, window, strides, padding) -> tuple[int, int]:
-  return tuple((x_shape[1 + a] + sum(padding[a]) - window[a]) // strides[a] + 1
-               for a in range(2))
-
-
-def _channel_major_patches(xt: jax.Array, window: tuple[int, int], strides: tuple[int, int],
-                           out_hw: tuple[int, int]) -> jax.Array:
-  """im2col of padded channel-major xt [C, B, H + pads, W + pads]: [kh * kw * C, B * H' * W']."""
-  (kh, kw), (sh, sw), (ho, wo) = window, strides, out_hw
-  c, b = xt.shape[:2]
-  patches = jnp.stack([
-      lax.slice(xt, (0, 0, i, j), (c, b, i + (ho - 1) * sh + 1, j + (wo - 1) * sw + 1),
-                (1, 1, sh, sw)) for i in range(kh) for j in range(kw)])
-  return patches.reshape(kh * kw * c, b * ho * wo)
-
-
-def _map_chunks(fn, x: jax.Array, num_chunks: int) -> jax.Array:
-  """fn over `num_chunks` equal batch chunks of x, outputs concatenated along the batch."""
-  if num_chunks == 1:
-    return fn(x)
-  out = lax.map(fn, x.reshape(num_chunks, x.shape[0] // num_chunks, *x.shape[1:]))
-  return out.reshape(x.shape[0], *out.shape[2:])
 
 
 # Dense k x k. Forward and input gradient: XLA's convolutions (Eigen in the training
 # programs; the input gradient written out as a plain convolution, see `_input_grad`),
 # except: stride-1 convolutions with few channels on either side run on the 2x2
-# space-to-depth input (`_space_to_depth_conv`), stride-1 input gradients with few input
-# channels as that form's transpose (`_space_to_depth_input_grad`), and strided
+# space-to-depth input (`space_to_depth.conv`), stride-1 input gradients with few input
+# channels as that form's transpose (`space_to_depth.input_grad`), and strided
 # convolutions with fewer than `_SMALL_C_IN` input channels (RGB images) as chunked im2col
 # matmuls. Weight gradient: one canonical convolution with stride 1
 # (`_weight_grad_conv`), else chunked im2col matmuls.
@@ -182,7 +128,7 @@ def _stride1_conv(x: jax.Array, kernel: jax.Array, padding: tuple[tuple[int, int
                   ) -> jax.Array:
   """A stride-1 dense convolution, on the space-to-depth input where that is faster."""
   if _prefers_space_to_depth(x.shape[-1], kernel.shape[-1]):
-    return _space_to_depth_conv(x, kernel, padding)
+    return space_to_depth.conv(x, kernel, padding)
   return _conv_xla(x, kernel, strides=(1, 1), padding=padding, groups=1)
 
 
@@ -193,104 +139,12 @@ def _dense(x, kernel, strides, padding):
   if x.shape[-1] >= _SMALL_C_IN:
     return _conv_xla(x, kernel, strides=strides, padding=padding, groups=1)
   return _dense_im2col(_channel_major_chunks(x, kernel.shape[:2], strides, padding), kernel,
-                       strides, _out_hw(x.shape, kernel.shape[:2], strides, padding))
-
-
-# Side of the pixel squares that `_space_to_depth_conv` turns into pixels.
-_BLOCK = 2
-
-
-def _square_taps(window: tuple[int, int]) -> list[int]:
-  """The kernel's extent in `_BLOCK`-pixel squares: a window of k pixels starts anywhere
-  in a square, so it touches (k + block - 2) // block + 1 of them."""
-  return [(k + _BLOCK - 2) // _BLOCK + 1 for k in window]
-
-
-def _to_squares(x: jax.Array, pads: Sequence[tuple[int, int]]) -> jax.Array:
-  """x [B, H, W, C], padded (or cropped, where negative) by `pads` to multiples of
-  `_BLOCK`: [B, H' / block, W' / block, block * block * C], channels in (p, q, c) order."""
-  b, c = x.shape[0], x.shape[-1]
-  zero = jnp.zeros((), x.dtype)
-  x = lax.pad(x, zero, ((0, 0, 0), (*pads[0], 0), (*pads[1], 0), (0, 0, 0)))
-  hs, ws = x.shape[1] // _BLOCK, x.shape[2] // _BLOCK
-  x = x.reshape(b, hs, _BLOCK, ws, _BLOCK, c).transpose(0, 1, 3, 2, 4, 5)
-  return x.reshape(b, hs, ws, _BLOCK * _BLOCK * c)
-
-
-def _squared_kernel(kernel: jax.Array) -> jax.Array:
-  """kernel [kh, kw, C_in, C_out] for `_to_squares` inputs and outputs: [taps_h, taps_w,
-  block^2 * C_in, block^2 * C_out], entry [U, V, (p, q, c), (r, s, o)] =
-  kernel[block*U + p - r, block*V + q - s, c, o] (zero outside the window). Linear."""
-  kh, kw, c_in, c_out = kernel.shape
-  block = _BLOCK
-  taps = _square_taps((kh, kw))
-  padded = jnp.pad(kernel, ((block - 1, block * taps[0] - kh), (block - 1, block * taps[1] - kw),
-                            (0, 0), (0, 0)))
-  offsets = np.arange(block)[:, None] - np.arange(block)[None, :] + block - 1  # [p, r]
-  rows = block * np.arange(taps[0])[:, None, None] + offsets                   # [U, p, r]
-  cols = block * np.arange(taps[1])[:, None, None] + offsets                   # [V, q, s]
-  squared = padded[rows[:, None, :, None, :, None], cols[None, :, None, :, None, :]]
-  return squared.transpose(0, 1, 2, 3, 6, 4, 5, 7).reshape(
-      *taps, block * block * c_in, block * block * c_out)
-
-
-def _input_squares(x: jax.Array, window: tuple[int, int],
-                   padding: tuple[tuple[int, int], ...]) -> tuple[jax.Array, list[int]]:
-  """x as the squares a stride-1 convolution reads: (`_to_squares` input, output squares)."""
-  taps = _square_taps(window)
-  squares = [-(-n // _BLOCK) for n in _out_hw(x.shape, window, (1, 1), padding)]
-  pads = [(lo, _BLOCK * (s + t - 1) - size - lo)
-          for (lo, _), s, t, size in zip(padding, squares, taps, x.shape[1:3])]
-  return _to_squares(x, pads), squares
-
-
-def _space_to_depth_conv(x: jax.Array, kernel: jax.Array,
-                         padding: tuple[tuple[int, int], ...]) -> jax.Array:
-  """Stride-1 convolution of x as one on its space-to-depth rearrangement.
-
-  x's 2x2 pixel squares become pixels with 4 * C_in channels, each output square one pixel
-  with 4 * C_out channels, and the kernel the matching `_squared_kernel`: ~1.4x the
-  multiply-adds (3x3 -> 2x2 taps of 4x the channels both ways: 16/9; 5x5 -> 3x3: 36/25),
-  but channel counts that Eigen handles well (see `_prefers_space_to_depth`). Inside
-  `lax.scan`, batch 128, 2-core AMD EPYC, ms, XLA's convolution -> this: 3->6 5x5 VALID
-  at 32x32 (LeNet-5) 12.5 -> 2.5, its 16->6 5x5 input gradient at 14x14 10.9 -> 4.7,
-  3->16 3x3 SAME at 32x32 (ResNet-20) 10.9 -> 4.0.
-
-  Args:
-    x: [B, H, W, C_in].
-    kernel: [kh, kw, C_in, C_out].
-    padding: ((lo, hi), (lo, hi)); negative entries crop.
-
-  Returns:
-    [B, H', W', C_out], as `lax.conv_general_dilated` with stride 1.
-  """
-  c_out = kernel.shape[-1]
-  ho, wo = _out_hw(x.shape, kernel.shape[:2], (1, 1), padding)
-  xs, squares = _input_squares(x, kernel.shape[:2], padding)
-  y = lax.conv_general_dilated(xs, _squared_kernel(kernel), (1, 1), "VALID",
-                               dimension_numbers=_NHWC)
-  y = y.reshape(x.shape[0], *squares, _BLOCK, _BLOCK, c_out).transpose(0, 1, 3, 2, 4, 5)
-  return y.reshape(x.shape[0], _BLOCK * squares[0], _BLOCK * squares[1], c_out)[:, :ho, :wo]
-
-
-def _space_to_depth_weight_grad(x: jax.Array, g: jax.Array, window: tuple[int, int],
-                                padding: tuple[tuple[int, int], ...]) -> jax.Array:
-  """dL/dkernel of a stride-1 convolution computed on squares, as `_space_to_depth_conv`:
-  the squared kernel's weight gradient (g as the kernel, see `_weight_grad_conv`) mapped
-  back through the transpose of `_squared_kernel` (sums of the entries each tap feeds)."""
-  xs, squares = _input_squares(x, window, padding)
-  gs = _to_squares(g, [(0, _BLOCK * s - n) for s, n in zip(squares, g.shape[1:3])])
-  # The squares in their own buffers: XLA fused the rearrangement into the transposes of
-  # `_g_as_kernel_weight_grad` (RGB 32x32 x, batch 128: 1.8 ms, against 0.7 in two
-  # passes; LeNet-5 train step 0.96 of without, same process).
-  squared = _g_as_kernel_weight_grad(_materialized(xs), _materialized(gs), ((0, 0), (0, 0)))
-  shape = jax.ShapeDtypeStruct((*window, x.shape[-1], g.shape[-1]), squared.dtype)
-  return jax.linear_transpose(_squared_kernel, shape)(squared)[0]
+                       strides, output_size(x.shape, kernel.shape[:2], strides, padding))
 
 
 def _prefers_transposed_input_grad(c_in: int, c_out: int) -> bool:
   """Whether the input gradient of a stride-1 C_in -> C_out convolution runs faster as
-  `_space_to_depth_input_grad` than as a convolution of g (on squares, since C_in < 8).
+  `space_to_depth.input_grad` than as a convolution of g (on squares, since C_in < 8).
 
   Measured inside `lax.scan`, batch 128, 2-core AMD EPYC, ms, convolution of g on squares
   -> transposed: 3x3 SAME at 32x32 3->6 5.8 -> 3.2, 3->16 16 -> 5.8, 6->16 9.6 -> 9.4,
@@ -298,51 +152,6 @@ def _prefers_transposed_input_grad(c_in: int, c_out: int) -> bool:
   14x14 6->16 (LeNet-5's conv2) 5.1 -> 2.6; at 16x16 alike.
   """
   return c_in < _SMALL_C_IN or (c_in < _FEW_CHANNELS and c_out >= 2 * _FEW_CHANNELS)
-
-
-def _space_to_depth_input_grad(g: jax.Array, kernel: jax.Array, x_shape: Sequence[int],
-                               padding: tuple[tuple[int, int], ...]) -> jax.Array:
-  """dL/dx of a stride-1 convolution as the transpose of `_space_to_depth_conv`.
-
-  g's squares [B, S, S', 4 C_out] times the squared kernel, one matmul with every tap's
-  [4 C_out, 4 C_in] block side by side, then each tap's product added in at its offset
-  (`_shifted_sum`): the input squares' gradient, mapped back to pixels by the transpose of
-  `_input_squares`. Written as a convolution of g, the same gradient multiplies the
-  (kh - 1)-wide zero border that padding g adds; here only g's own squares are multiplied.
-  """
-  squares = [-(-n // _BLOCK) for n in g.shape[1:3]]
-  gs = _to_squares(g, [(0, _BLOCK * s - n) for s, n in zip(squares, g.shape[1:3])])
-  squared = _squared_kernel(kernel)                # [taps_h, taps_w, 4 C_in, 4 C_out]
-  taps_h, taps_w, c_in, c_out = squared.shape
-  weights = squared.transpose(3, 0, 1, 2).reshape(c_out, taps_h * taps_w * c_in)
-  products = lax.dot_general(gs, weights, (((3,), (0,)), ((), ())))
-  dxs = _shifted_sum(products.reshape(*gs.shape[:3], taps_h, taps_w, c_in))
-  input_squares = lambda x: _input_squares(x, kernel.shape[:2], padding)[0]
-  dx = jax.linear_transpose(input_squares, jax.ShapeDtypeStruct(x_shape, g.dtype))(dxs)[0]
-  # In its own buffer: XLA fused the shifted sum into the max-pool and ReLU backward below
-  # (LeNet-5), which read each value four times (train step 0.93 with, 1.0 without).
-  return _materialized(dx)
-
-
-def _shifted_sum(products: jax.Array) -> jax.Array:
-  """out[b, u, v] = sum_{U, V} products[b, u - U, v - V, U, V] (the col2im of a
-  correlation): [B, S, S', th, tw, C] -> [B, S + th - 1, S' + tw - 1, C].
-
-  Each row of taps is summed along W first, then the rows along H: th + th * tw shifted
-  additions, against th * tw in one sum, but each a contiguous pad (LeNet-5's conv2
-  input gradient 2.6 ms, against 2.9 in one sum).
-  """
-  th, tw = products.shape[3:5]
-  products = _materialized(products)
-  zero = jnp.zeros((), products.dtype)
-  total = None
-  for i in range(th):
-    row = functools.reduce(jnp.add, [
-        lax.pad(products[:, :, :, i, j], zero, ((0, 0, 0), (0, 0, 0), (j, tw - 1 - j, 0),
-                                                (0, 0, 0))) for j in range(tw)])
-    row = lax.pad(row, zero, ((0, 0, 0), (i, th - 1 - i, 0), (0, 0, 0), (0, 0, 0)))
-    total = row if total is None else total + row
-  return total
 
 
 def _dense_im2col(xt: jax.Array, kernel: jax.Array, strides: tuple[int, int],
@@ -354,8 +163,8 @@ def _dense_im2col(xt: jax.Array, kernel: jax.Array, strides: tuple[int, int],
   weights = kernel.reshape(kh * kw * c_in, c_out)
 
   def forward(xc):
-    patches = _channel_major_patches(xc, (kh, kw), strides, out_hw)
-    return lax.dot_general(weights, patches, (((0,), (0,)), ((), ())))  # [C_out, b*H'*W']
+    columns = channel_major_patches(xc, (kh, kw), strides, out_hw)
+    return lax.dot_general(weights, columns, (((0,), (0,)), ((), ())))  # [C_out, b*H'*W']
 
   y = forward(xt[0])[None] if num_chunks == 1 else lax.map(forward, xt)
   # One transpose of the whole output back to NHWC.
@@ -371,13 +180,13 @@ def _channel_major_chunks(x: jax.Array, window: tuple[int, int], strides: tuple[
   its chunk as one contiguous block; transposing inside the loop (a strided slice of the
   batch per chunk) cost up to 1.3x more (16->16 3x3 weight gradient at 32x32, batch 128,
   one core: 22 -> 17 ms; RGB 3x3 forwards 10-20% less). The chunk size (a quarter of
-  `_CHUNK_BYTES` of patches) depends only on the shapes, so the forward pass and the weight
-  gradient of a convolution split the batch alike (measured 256 KiB < 1 MiB < 4 MiB).
+  `patches.CHUNK_BYTES` of patches) depends only on the shapes, so the forward pass and the
+  weight gradient of a convolution split the batch alike (measured 256 KiB < 1 MiB < 4 MiB).
   """
   (kh, kw), c = window, x.shape[-1]
-  out_hw = _out_hw(x.shape, window, strides, padding)
-  num_chunks = _chunks(x.shape[0], math.prod(out_hw) * kh * kw * c * x.dtype.itemsize,
-                       _CHUNK_BYTES // 4)
+  out_hw = output_size(x.shape, window, strides, padding)
+  num_chunks = chunks(x.shape[0], math.prod(out_hw) * kh * kw * c * x.dtype.itemsize,
+                       patches.CHUNK_BYTES // 4)
   xt = x.reshape(num_chunks, x.shape[0] // num_chunks, *x.shape[1:]).transpose(0, 4, 1, 2, 3)
   return jnp.pad(xt, ((0, 0), (0, 0), (0, 0), padding[0], padding[1]))
 
@@ -387,7 +196,7 @@ def _dense_fwd(x, kernel, strides, padding):
     return _dense(x, kernel, strides, padding), (x, None, kernel)
   # A strided convolution's weight gradient reuses the forward pass's channel-major chunks.
   xt = _channel_major_chunks(x, kernel.shape[:2], strides, padding)
-  out_hw = _out_hw(x.shape, kernel.shape[:2], strides, padding)
+  out_hw = output_size(x.shape, kernel.shape[:2], strides, padding)
   return _dense_im2col(xt, kernel, strides, out_hw), (x, xt, kernel)
 
 
@@ -395,7 +204,7 @@ def _input_grad(g, kernel, x_shape, strides, padding):
   """dL/dx of a dense convolution: g (dilated by the stride) convolved with the flipped
   kernel, its in/out axes swapped in memory; stride-1 convolutions with few input
   channels as the written-out transpose of their space-to-depth form
-  (`_space_to_depth_input_grad`).
+  (`space_to_depth.input_grad`).
 
   JAX's own transpose rule expresses the same convolution with a reversed kernel and
   swapped kernel dimension labels; XLA:CPU runs that form 5-18x slower inside a
@@ -403,7 +212,7 @@ def _input_grad(g, kernel, x_shape, strides, padding):
   instead of 6 for a 16->16 3x3 convolution at 32x32, batch 128.
   """
   if strides == (1, 1) and _prefers_transposed_input_grad(*kernel.shape[2:]):
-    return _space_to_depth_input_grad(g, kernel, x_shape, padding)
+    return space_to_depth.input_grad(g, kernel, x_shape, padding)
   kh, kw = kernel.shape[:2]
   flipped = jnp.flip(kernel, (0, 1)).transpose(0, 1, 3, 2)
   pads = []
@@ -415,7 +224,7 @@ def _input_grad(g, kernel, x_shape, strides, padding):
   if strides == (1, 1):
     return _stride1_conv(g, flipped, pads)
   return lax.conv_general_dilated(g, flipped, (1, 1), pads, lhs_dilation=strides,
-                                  dimension_numbers=_NHWC)
+                                  dimension_numbers=NHWC)
 
 
 def _dense_bwd(strides, padding, residuals, g):
@@ -467,7 +276,7 @@ def _weight_grad_conv(x: jax.Array, g: jax.Array, padding: tuple[tuple[int, int]
     # out[o, kh-1-i, kw-1-j, c] = sum_{b,u,v} g[b, u - i + lo, v - j + lo', o] x[b, u, v, c]
     mirrored = tuple((hi, lo) for lo, hi in padding)
     out = lax.conv_general_dilated(g.transpose(3, 1, 2, 0), x.transpose(1, 2, 0, 3), (1, 1),
-                                   mirrored, dimension_numbers=_NHWC)
+                                   mirrored, dimension_numbers=NHWC)
     return out[:, ::-1, ::-1, :].transpose(1, 2, 3, 0)
   if g.shape[-1] < _FEW_CHANNELS:
     window = tuple(x.shape[1 + a] + sum(padding[a]) - g.shape[1 + a] + 1 for a in range(2))
@@ -480,8 +289,25 @@ def _g_as_kernel_weight_grad(x: jax.Array, g: jax.Array,
   """`_weight_grad_conv`'s second form: x [C_in, H, W, B] correlated with g as an
   [H', W', B, C_out] kernel; -> [kh, kw, C_in, C_out]."""
   out = lax.conv_general_dilated(x.transpose(3, 1, 2, 0), g.transpose(1, 2, 0, 3), (1, 1),
-                                 padding, dimension_numbers=_NHWC)
+                                 padding, dimension_numbers=NHWC)
   return out.transpose(1, 2, 0, 3)
+
+
+def _space_to_depth_weight_grad(x: jax.Array, g: jax.Array, window: tuple[int, int],
+                                padding: tuple[tuple[int, int], ...]) -> jax.Array:
+  """dL/dkernel of a stride-1 convolution computed on squares, as `space_to_depth.conv`:
+  the squared kernel's weight gradient (g as the kernel, see `_weight_grad_conv`) mapped
+  back through the transpose of `space_to_depth.squared_kernel` (sums of the entries each
+  tap feeds)."""
+  xs, squares = space_to_depth.input_squares(x, window, padding)
+  gs = space_to_depth.to_squares(
+      g, [(0, space_to_depth.BLOCK * s - n) for s, n in zip(squares, g.shape[1:3])])
+  # The squares in their own buffers: XLA fused the rearrangement into the transposes of
+  # `_g_as_kernel_weight_grad` (RGB 32x32 x, batch 128: 1.8 ms, against 0.7 in two
+  # passes; LeNet-5 train step 0.96 of without, same process).
+  squared = _g_as_kernel_weight_grad(_materialized(xs), _materialized(gs), ((0, 0), (0, 0)))
+  shape = jax.ShapeDtypeStruct((*window, x.shape[-1], g.shape[-1]), squared.dtype)
+  return jax.linear_transpose(space_to_depth.squared_kernel, shape)(squared)[0]
 
 
 def _dense_weight_grad(xt: jax.Array, g: jax.Array, window: tuple[int, int],
@@ -507,7 +333,7 @@ def _dense_weight_grad(xt: jax.Array, g: jax.Array, window: tuple[int, int],
 
   def add_chunk(total, chunk):
     xc, gc = chunk
-    return total + _channel_major_patches(xc, window, strides, (ho, wo)) @ gc, None
+    return total + channel_major_patches(xc, window, strides, (ho, wo)) @ gc, None
 
   init = jnp.zeros((kh * kw * c_in, c_out), g.dtype)
   if num_chunks == 1:
@@ -516,101 +342,3 @@ def _dense_weight_grad(xt: jax.Array, g: jax.Array, window: tuple[int, int],
 
 
 _dense.defvjp(_dense_fwd, _dense_bwd)
-
-
-# Pointwise (1x1, unpadded): matmuls. The weight gradient x^T g contracts the batch axis,
-# the major axis of both operands; XLA transposes one of them in memory first (fused with
-# whatever produced it: 100 ms for a 128x32x32x64 batch-norm backward), so it is summed
-# over batch chunks whose transposes stay in cache.
-
-
-@functools.partial(jax.custom_vjp, nondiff_argnums=(2,))
-def _pointwise(x, kernel, strides):
-  if strides != (1, 1):
-    x = x[:, ::strides[0], ::strides[1]]
-  return lax.dot_general(x, kernel[0, 0], (((3,), (0,)), ((), ())))
-
-
-def _pointwise_fwd(x, kernel, strides):
-  return _pointwise(x, kernel, strides), (x, kernel)
-
-
-def _pointwise_bwd(strides, residuals, g):
-  x, kernel = residuals
-  _, c_out = kernel.shape[2:]
-  dx = lax.dot_general(g, kernel[0, 0], (((3,), (1,)), ((), ())))
-  if strides != (1, 1):
-    dx = jnp.zeros(x.shape, dx.dtype).at[:, ::strides[0], ::strides[1]].set(dx)
-    x = x[:, ::strides[0], ::strides[1]]
-
-  def weight_grad(x, g):
-    return x.reshape(-1, x.shape[-1]).T @ g.reshape(-1, c_out)
-
-  num_chunks = _chunks(x.shape[0], math.prod(x.shape[1:]) * x.dtype.itemsize)
-  dk = _scan_sum(weight_grad, (x, g), num_chunks, jnp.zeros(kernel.shape[2:], kernel.dtype))
-  return dx, dk.reshape(kernel.shape).astype(kernel.dtype)
-
-
-_pointwise.defvjp(_pointwise_fwd, _pointwise_bwd)
-
-
-# Depthwise: shifted multiply-adds; per-tap weight-gradient reductions over batch chunks.
-
-
-@functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3))
-def _depthwise(x, kernel, strides, padding):
-  return _depthwise_taps(x, kernel, strides, padding)
-
-
-def _depthwise_taps(x, kernel, strides, padding):
-  kh, kw = kernel.shape[:2]
-  out_hw = _out_hw(x.shape, (kh, kw), strides, padding)
-  taps = _taps(x, (kh, kw), strides, padding, out_hw)
-  return sum(t * kernel[i // kw, i % kw, 0] for i, t in enumerate(taps))
-
-
-def _depthwise_fwd(x, kernel, strides, padding):
-  return _depthwise(x, kernel, strides, padding), (x, kernel)
-
-
-def _depthwise_bwd(strides, padding, residuals, g):
-  x, kernel = residuals
-  # The input gradient reads g kh*kw times; over batch chunks in a loop, g is computed
-  # once before the loop (XLA fused its producer, a batch-norm and ReLU backward, into
-  # the kh*kw-term sum and recomputed it per term: 2-3x slower), and each chunk's sum
-  # stays in cache.
-  input_grad = functools.partial(_depthwise_input_grad, kernel=kernel, x_hw=x.shape[1:3],
-                                 strides=strides, padding=padding)
-  dx = _map_chunks(input_grad, g, _chunks(x.shape[0], math.prod(x.shape[1:]) *
-                                          x.dtype.itemsize))
-  kh, kw, _, c = kernel.shape
-  out_hw = g.shape[1:3]
-
-  def weight_grad(x, g):
-    taps = _taps(x, (kh, kw), strides, padding, out_hw)
-    return jnp.stack([jnp.sum(t * g, axis=(0, 1, 2)) for t in taps])
-
-  num_chunks = _chunks(x.shape[0], math.prod(out_hw) * c * x.dtype.itemsize)
-  dk = _scan_sum(weight_grad, (x, g), num_chunks, jnp.zeros((kh * kw, c), kernel.dtype))
-  return dx, dk.reshape(kernel.shape).astype(kernel.dtype)
-
-
-def _depthwise_input_grad(g, *, kernel, x_hw, strides, padding):
-  """dL/dx of `_depthwise_taps`: each tap's g * k put back at its offset (interior
-  padding by the stride undoes the strided view), summed; [b, H', W', C] -> [b, H, W, C]."""
-  kh, kw = kernel.shape[:2]
-  (ho, wo), (sh, sw) = g.shape[1:3], strides
-  hp, wp = x_hw[0] + sum(padding[0]), x_hw[1] + sum(padding[1])
-  zero = jnp.zeros((), g.dtype)
-  dx = None
-  for i in range(kh):
-    for j in range(kw):
-      part = lax.pad(g * kernel[i, j, 0], zero,
-                     ((0, 0, 0), (i, hp - i - (ho - 1) * sh - 1, sh - 1),
-                      (j, wp - j - (wo - 1) * sw - 1, sw - 1), (0, 0, 0)))
-      dx = part if dx is None else dx + part
-  (top, _), (left, _) = padding
-  return dx[:, top:top + x_hw[0], left:left + x_hw[1]]
-
-
-_depthwise.defvjp(_depthwise_fwd, _depthwise_bwd)
