@@ -30,6 +30,7 @@ import numpy as np
 import evoprune as ep
 from evoprune import training
 from experiments import pipeline
+from experiments import report
 
 ALLOCATIONS = ("uniform", "global", "erk", "evolutionary")
 
@@ -131,11 +132,11 @@ def run(config: ml_collections.ConfigDict, workdir: str | pathlib.Path) -> dict:
   # One-shot rows first, then fine-tuned ones, each by target.
   ordered = dict(sorted(rows.items(), key=lambda kv: (kv[0][0] != "dense",
                                                      kv[0][0].endswith("+ft"), kv[0][1])))
-  summary = pipeline.summarize(config, ordered)
+  summary = report.summarize(config, ordered)
   if ep.parallel.is_writer():  # process 0 of a multi-process job writes the workdir
     training.write_json_atomic(ctx.workdir / "summary.json", summary)
     training.write_json_atomic(ctx.workdir / "search_history.json", histories)
-    (ctx.workdir / "report.md").write_text(pipeline.format_report(summary), encoding="utf-8")
+    (ctx.workdir / "report.md").write_text(report.format_report(summary), encoding="utf-8")
     plot(histories, vectors, summary, ctx.workdir)
   return summary
 

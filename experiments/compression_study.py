@@ -39,6 +39,7 @@ from evoprune import storage
 from evoprune import training
 from evoprune import weight_sharing
 from experiments import pipeline
+from experiments import report
 
 SCHEDULES = ("constant", "polynomial_decay")
 
@@ -397,22 +398,18 @@ def _shared_row(ctx: pipeline.Context, base: training.TrainState, seed: int) -> 
 # ----------------------------------------------------------------------------- reports
 
 
-def _mean_std(values: list[float]) -> dict[str, float]:
-  return {"mean": float(np.mean(values)), "std": float(np.std(values))}
-
-
 def summarize(config: ml_collections.ConfigDict, rows: dict) -> dict:
   """The pipeline's summary plus on-disk bytes, size and latency relative to dense."""
-  summary = pipeline.summarize(config, rows)
+  summary = report.summarize(config, rows)
   dense_rows = rows[("dense", 0.0)]
   for entry, per_seed in zip(summary["results"], rows.values()):
     kinds = per_seed[0]["bytes"].keys()
     entry["bytes"] = {k: int(np.mean([r["bytes"][k] for r in per_seed])) for k in kinds}
-    entry["size_ratio"] = _mean_std([r["bytes"]["model"] / d["bytes"]["fp32_dense"]
-                                     for r, d in zip(per_seed, dense_rows)])
-    entry["latency"] = {"ms": _mean_std([r["latency_ms"] for r in per_seed]),
-                        "dense_ms": _mean_std([r["latency_dense_ms"] for r in per_seed]),
-                        "ratio": _mean_std([r["latency_ratio"] for r in per_seed]),
+    entry["size_ratio"] = report.mean_std([r["bytes"]["model"] / d["bytes"]["fp32_dense"]
+                                           for r, d in zip(per_seed, dense_rows)])
+    entry["latency"] = {"ms": report.mean_std([r["latency_ms"] for r in per_seed]),
+                        "dense_ms": report.mean_std([r["latency_dense_ms"] for r in per_seed]),
+                        "ratio": report.mean_std([r["latency_ratio"] for r in per_seed]),
                         "batch": config.compression.latency_batch}
     for key in ("quantization", "weight_sharing"):
       if key in per_seed[0]:

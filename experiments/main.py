@@ -27,6 +27,7 @@ from ml_collections import config_flags
 
 from evoprune import parallel
 from experiments import pipeline
+from experiments import report
 
 # config.study -> the module whose run(config, workdir) carries it out.
 STUDIES = {
@@ -67,7 +68,7 @@ def main(argv):
     raise ValueError(f"config.study={study!r} is unknown; use one of {sorted(STUDIES)}.")
   summary = importlib.import_module(STUDIES[study]).run(config, workdir)
   if parallel.is_writer():
-    print(pipeline.format_table(summary))
+    print(report.format_table(summary))
     print(f"\nResults written to {workdir}/ (summary.json, report.md, metrics.jsonl, plots).")
 
 
