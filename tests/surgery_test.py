@@ -133,7 +133,9 @@ class PrunerFilterTest(parameterized.TestCase):
   """A model trained with ep.Pruner(granularity='filter') shrinks to what it computes."""
 
   def _train(self, dependents):
-    model = ep.models.create("resnet20", width=4)
+    # ResNet-8 (one block per stage): the residual groups and stage transitions of
+    # ResNet-20 at a third of the compile time.
+    model = ep.models.create("resnet20", width=4, depth=8)
     x = jax.random.normal(jax.random.key(1), (16, 8, 8, 3))
     y = jnp.arange(16) % 10
     pruner = ep.Pruner(granularity="filter", dependents=dependents,
@@ -151,7 +153,7 @@ class PrunerFilterTest(parameterized.TestCase):
     model, variables, masks, x = self._train(ep.masks.unit_owner)
     small_model, small = ep.surgery.shrink(model, variables, masks)  # strict: nothing kept
     # Half the filters of every unit_0 (inner) convolution go: 4 -> 2, 8 -> 4, 16 -> 8.
-    self.assertEqual(tuple(small_model.inner_widths), (2,) * 3 + (4,) * 3 + (8,) * 3)
+    self.assertEqual(tuple(small_model.inner_widths), (2, 4, 8))
     masked = {**variables, "params": ep.masks.apply(variables["params"], masks)}
     self.assertLessEqual(float(jnp.max(jnp.abs(_apply(small_model, small, x) -
                                                _apply(model, masked, x)))), 1e-5)
