@@ -28,6 +28,16 @@ def _check_impl(impl: str) -> str:
   return impl
 
 
+def _stage(impl: str, cpu, reference, *operands):
+  """reference(*operands) for impl 'xla', cpu(*operands) for 'cpu'; for 'auto' both, staged
+  with `lax.platform_dependent` and resolved when the program is lowered."""
+  if impl == "xla":
+    return reference(*operands)
+  if impl == "cpu":
+    return cpu(*operands)
+  return lax.platform_dependent(*operands, cpu=cpu, default=reference)
+
+
 @contextlib.contextmanager
 def plain_ops():
   """Within this context, `impl='auto'` stages only the plain XLA ops, as `EVOPRUNE_OPS=xla`.
@@ -116,9 +126,7 @@ def materialize(x: jax.Array) -> jax.Array:
   ResNet-20 step in one fusion). With each block's output materialized: ResNet-20 train
   step 0.95-0.98 of without (same process). Gradients pass through unchanged.
   """
-  if _check_impl("auto") == "xla":
-    return x
-  return lax.platform_dependent(x, cpu=_materialized_forward, default=lambda v: v)
+  return _stage(_check_impl("auto"), _materialized_forward, lambda v: v, x)
 
 
 @jax.custom_jvp

@@ -11,7 +11,7 @@ import jax.numpy as jnp
 from evoprune.ops import patches
 from evoprune.ops import separable
 from evoprune.ops import space_to_depth
-from evoprune.ops.backend import Padding, _check_impl, _materialized
+from evoprune.ops.backend import Padding, _check_impl, _materialized, _stage
 from evoprune.ops.patches import NHWC, channel_major_patches, chunks, output_size
 
 
@@ -80,17 +80,13 @@ def conv(x: jax.Array, kernel: jax.Array, strides: Sequence[int] = (1, 1),
         f"depthwise ({x.shape[-1]}, kernel [kh, kw, 1, {x.shape[-1]}]) convolutions are "
         "supported; use lax.conv_general_dilated for other groupings")
   reference = functools.partial(_conv_xla, strides=strides, padding=padding, groups=groups)
-  if impl == "xla":
-    return reference(x, kernel)
   if groups > 1:
     cpu = functools.partial(separable.depthwise, strides=strides, padding=padding)
   elif kernel.shape[:2] == (1, 1) and padding == ((0, 0), (0, 0)):
     cpu = functools.partial(separable.pointwise, strides=strides)
   else:
     cpu = functools.partial(_dense, strides=strides, padding=padding)
-  if impl == "cpu":
-    return cpu(x, kernel)
-  return lax.platform_dependent(x, kernel, cpu=cpu, default=reference)
+  return _stage(impl, cpu, reference, x, kernel)
 
 
 def _conv_xla(x, kernel, *, strides, padding, groups):
@@ -299,9 +295,8 @@ def _space_to_depth_weight_grad(x: jax.Array, g: jax.Array, window: tuple[int, i
   the squared kernel's weight gradient (g as the kernel, see `_weight_grad_conv`) mapped
   back through the transpose of `space_to_depth.squared_kernel` (sums of the entries each
   tap feeds)."""
-  xs, squares = space_to_depth.input_squares(x, window, padding)
-  gs = space_to_depth.to_squares(
-      g, [(0, space_to_depth.BLOCK * s - n) for s, n in zip(squares, g.shape[1:3])])
+  xs, _ = space_to_depth.input_squares(x, window, padding)
+  gs = space_to_depth.output_squares(g)
   # The squares in their own buffers: XLA fused the rearrangement into the transposes of
   # `_g_as_kernel_weight_grad` (RGB 32x32 x, batch 128: 1.8 ms, against 0.7 in two
   # passes; LeNet-5 train step 0.96 of without, same process).

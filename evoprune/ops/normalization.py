@@ -7,7 +7,7 @@ import jax
 from jax import lax
 import jax.numpy as jnp
 
-from evoprune.ops.backend import _check_impl
+from evoprune.ops.backend import _check_impl, _stage
 
 
 def batch_norm(x: jax.Array, scale: jax.Array, bias: jax.Array, *, epsilon: float,
@@ -38,13 +38,7 @@ def batch_norm(x: jax.Array, scale: jax.Array, bias: jax.Array, *, epsilon: floa
   impl = _check_impl(impl)
   reference = functools.partial(_batch_norm_xla, epsilon=epsilon, relu=relu)
   cpu = functools.partial(_batch_norm_cpu, epsilon=epsilon, relu=relu)
-  if impl == "xla":
-    outputs = reference(x, scale, bias)
-  elif impl == "cpu":
-    outputs = cpu(x, scale, bias)
-  else:
-    outputs = lax.platform_dependent(x, scale, bias, cpu=cpu, default=reference)
-  y, mean, var = outputs
+  y, mean, var = _stage(impl, cpu, reference, x, scale, bias)
   return y, lax.stop_gradient(mean), lax.stop_gradient(var)
 
 

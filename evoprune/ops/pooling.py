@@ -8,7 +8,7 @@ from jax import lax
 import jax.numpy as jnp
 import numpy as np
 
-from evoprune.ops.backend import Padding, _check_impl
+from evoprune.ops.backend import Padding, _check_impl, _stage
 
 
 def max_pool(x: jax.Array, window_shape: Sequence[int] = (2, 2),
@@ -34,12 +34,10 @@ def max_pool(x: jax.Array, window_shape: Sequence[int] = (2, 2),
                                 padding=padding)
   fast = x.ndim == 4 and len(window) == 2 and window == strides and (
       padding == "VALID" or padding == ((0, 0), (0, 0)) or padding == [(0, 0), (0, 0)])
-  if impl == "xla" or not fast:
+  if not fast:
     return reference(x)
   cpu = lambda x: _max_pool_views(x, window, x.shape[1:3])
-  if impl == "cpu":
-    return cpu(x)
-  return lax.platform_dependent(x, cpu=cpu, default=reference)
+  return _stage(impl, cpu, reference, x)
 
 
 def _max_pool_xla(x: jax.Array, *, window: tuple[int, ...], strides: tuple[int, ...],

@@ -65,6 +65,12 @@ def input_squares(x: jax.Array, window: tuple[int, int],
   return to_squares(x, pads), squares
 
 
+def output_squares(y: jax.Array) -> jax.Array:
+  """A convolution's output (or its gradient) y [B, H', W', C] as the squares `conv`
+  computes, zero-padded at the end to whole squares: [B, ceil(H' / 2), ceil(W' / 2), 4 C]."""
+  return to_squares(y, [(0, -n % BLOCK) for n in y.shape[1:3]])
+
+
 def conv(x: jax.Array, kernel: jax.Array, padding: tuple[tuple[int, int], ...]) -> jax.Array:
   """Stride-1 convolution of x as one on its space-to-depth rearrangement.
 
@@ -103,8 +109,7 @@ def input_grad(g: jax.Array, kernel: jax.Array, x_shape: Sequence[int],
   `input_squares`. Written as a convolution of g, the same gradient multiplies the
   (kh - 1)-wide zero border that padding g adds; here only g's own squares are multiplied.
   """
-  squares = [-(-n // BLOCK) for n in g.shape[1:3]]
-  gs = to_squares(g, [(0, BLOCK * s - n) for s, n in zip(squares, g.shape[1:3])])
+  gs = output_squares(g)
   squared = squared_kernel(kernel)                # [taps_h, taps_w, 4 C_in, 4 C_out]
   taps_h, taps_w, c_in, c_out = squared.shape
   weights = squared.transpose(3, 0, 1, 2).reshape(c_out, taps_h * taps_w * c_in)
