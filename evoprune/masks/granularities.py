@@ -14,7 +14,7 @@ from jax import lax
 import jax.numpy as jnp
 import numpy as np
 
-from evoprune.masks.selection import _order_keys
+from evoprune.masks.selection import order_keys
 from evoprune.masks.selection import topk
 from evoprune.masks.trees import _is_none
 from evoprune.masks.trees import check
@@ -148,7 +148,7 @@ def blocks(scores: Scores, sparsity: Sparsity, *, block_shape: tuple[int, int],
 
 def _signed_keys(x: jax.Array) -> jax.Array:
   """int32 keys with the float order (NaN lowest, -0.0 == +0.0), same shape as x."""
-  u = _order_keys(x).reshape(x.shape)
+  u = order_keys(x).reshape(x.shape)
   return lax.bitcast_convert_type(u ^ np.uint32(0x80000000), jnp.int32)
 
 

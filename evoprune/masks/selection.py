@@ -25,7 +25,7 @@ _PAD_KEY = np.uint32(0xFFFFFFFF)  # above every real key (the largest is +inf's)
 # Exact selection of the k lowest scores.
 
 
-def _order_keys(x: jax.Array) -> jax.Array:
+def order_keys(x: jax.Array) -> jax.Array:
   """Maps scores to uint32 keys whose unsigned order is the float order (NaN lowest).
 
   Args:
@@ -104,7 +104,7 @@ def _leaf_topk(x: jax.Array, sparsity: Any) -> jax.Array:
   n = x.size
   if n == 0:
     return jnp.ones(x.shape, bool)
-  u = _layout(_order_keys(x), min(_COLUMNS, n))
+  u = _layout(order_keys(x), min(_COLUMNS, n))
   prune = _prune_lowest(u, _num_pruned(sparsity, n))
   return ~prune.reshape(-1)[:n].reshape(x.shape)
 
@@ -229,7 +229,7 @@ def global_topk_count(scores: Scores, num_pruned: int | jax.Array) -> Masks:
 def _global_keep(xs: list[jax.Array], num_pruned: jax.Array) -> list[jax.Array]:
   # Each leaf gets whole rows of the shared layout; padding keys are never selected, so the
   # row-major order of the stacked layout is the concatenation order.
-  layouts = [_layout(_order_keys(x), _COLUMNS) for x in xs]
+  layouts = [_layout(order_keys(x), _COLUMNS) for x in xs]
   k = jnp.clip(jnp.asarray(num_pruned, jnp.int32), 0, sum(x.size for x in xs))
   prune = _prune_lowest(jnp.concatenate(layouts), k)
   out, start = [], 0
@@ -253,7 +253,7 @@ def argsort_topk(scores: Scores, sparsity: Sparsity) -> Masks:
   out = list(leaves)
   for i, s in zip(idx, sparsities):
     x = leaves[i]
-    u = _order_keys(x)
+    u = order_keys(x)
     order = jnp.argsort(u, stable=True)
     rank = jnp.zeros(u.size, jnp.int32).at[order].set(jnp.arange(u.size, dtype=jnp.int32))
     out[i] = (rank >= _num_pruned(s, u.size)).reshape(x.shape)
