@@ -71,7 +71,7 @@ def problem(model_name: str, input_shape: tuple[int, ...], batch: int, seed: int
   rng = np.random.default_rng(seed)
   x = rng.normal(size=(batch,) + tuple(input_shape)).astype(np.float32)
   y = rng.integers(0, 10, batch).astype(np.int32)
-  params = model.init(jax.random.key(seed), jnp.asarray(x[:1]))["params"]
+  params = ep.models.init(model, jax.random.key(seed), jnp.asarray(x[:1]))["params"]
   template = ep.masks.init(params)
   scores = jax.tree.map(lambda m, p: None if m is None else jnp.abs(p), template, params,
                         is_leaf=lambda v: v is None)

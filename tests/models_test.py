@@ -319,5 +319,33 @@ class CreateTest(parameterized.TestCase):
       jax.eval_shape(model.init, {"params": _KEY}, jnp.zeros((1, *_IMAGE)))
 
 
+class InitTest(parameterized.TestCase):
+  """`ep.models.init`: flax's variables, its threefry numbers drawn flat."""
+
+  def test_flat_draws_are_threefrys_numbers(self):
+    key = jax.random.key(3)
+    draws = jax.jit(lambda k: (jax.random.normal(k, (2, 3, 4, 5)),
+                               jax.random.bits(k, (3, 1, 7))))
+    for a, e in zip(draws(ep.models._flat_draws(key)), draws(key)):  # pylint: disable=protected-access
+      np.testing.assert_array_equal(a, e)
+
+  @parameterized.named_parameters(
+      ("typed_key", "lenet5", {}, lambda: jax.random.key(3)),
+      ("raw_key", "lenet5", {}, lambda: jax.random.PRNGKey(3)),
+      ("dict_of_keys", "gpt", dict(n_layer=1, n_embd=16, n_head=2, block_size=8),
+       lambda: {"params": jax.random.key(3), "dropout": jax.random.key(4)}),
+      ("rbg_key", "lenet5", {}, lambda: jax.random.key(3, impl="rbg")),
+      ("unhashable_module", "mlp", dict(widths=[4]), lambda: jax.random.key(3)),
+  )
+  def test_same_variables_as_flax_init(self, name, kwargs, rngs):
+    model = ep.models.create(name, **kwargs)
+    x = jnp.zeros((1, 8), jnp.int32) if name == "gpt" else jnp.zeros((1, 32, 32, 3))
+    expected = _fast_jit(model.init, static_argnames="train")(rngs(), x, train=False)
+    actual = ep.models.init(model, rngs(), x, train=False)
+    self.assertEqual(jax.tree.structure(actual), jax.tree.structure(expected))
+    for a, e in zip(jax.tree.leaves(actual), jax.tree.leaves(expected)):
+      np.testing.assert_allclose(a, e, rtol=1e-6, atol=1e-9)
+
+
 if __name__ == "__main__":
   absltest.main()

@@ -36,7 +36,7 @@ class _OneDense(nn.Module):
 def _setup(model=None, shape=(6, 6, 2), batch=8):
   model = model or _TinyCNN()
   x = jax.random.normal(jax.random.key(0), (batch, *shape))
-  params = jax.jit(model.init)(jax.random.key(1), x[:1])["params"]  # one compile, not per op
+  params = ep.models.init(model, jax.random.key(1), x[:1])["params"]  # one compile, not per op
   return model, params, x
 
 

@@ -63,7 +63,7 @@ def _tiny_problem(model_class, n, seed):
   rng = np.random.default_rng(seed)
   shape = (n, 6, 6, 1) if isinstance(model, TinyCNN) else (n, 8)
   x = rng.normal(size=shape).astype(np.float32)
-  params = model.init(jax.random.key(seed), jnp.asarray(x[:1]))["params"]
+  params = ep.models.init(model, jax.random.key(seed), jnp.asarray(x[:1]))["params"]
   # Labels the dense model predicts, so pruning can only lose accuracy.
   y = np.asarray(jnp.argmax(model.apply({"params": params}, x), -1)).astype(np.int32)
   template = ep.masks.init(params)

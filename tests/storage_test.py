@@ -100,7 +100,7 @@ class StorageTest(parameterized.TestCase):
   def test_sparse_int8_model_predicts_identically_after_loading(self):
     model = _Tiny()
     x = jax.random.normal(jax.random.key(0), (4, 6, 6, 2))
-    params = jax.jit(model.init)(jax.random.key(1), x)["params"]
+    params = ep.models.init(model, jax.random.key(1), x)["params"]
     masks = ep.masks.topk(ep.importance.magnitude(params), 0.8)
     masks = jax.tree.map(lambda m, p: m if p.ndim >= 2 else None, masks, params)
     qmodel, qparams = ep.quantization.ptq(model, ep.masks.apply(params, masks), x)

@@ -17,6 +17,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
+from evoprune import models
 from evoprune import ops
 from evoprune import parallel
 from evoprune.types import Params
@@ -53,7 +54,8 @@ def create_train_state(model: nn.Module, tx: optax.GradientTransformation, key: 
                        example_x: jax.Array) -> TrainState:
   """Initialises params (and batch stats) from `key` and the optimizer state from `tx`."""
   init_key, dropout_key, run_key = jax.random.split(key, 3)
-  variables = model.init({"params": init_key, "dropout": dropout_key}, example_x, train=False)
+  variables = models.init(model, {"params": init_key, "dropout": dropout_key}, example_x,
+                          train=False)
   params = variables["params"]
   return TrainState(
       step=jnp.zeros((), jnp.int32), params=params,
