@@ -57,8 +57,9 @@ def random_scores(key: PRNGKey, params: Params, grads: Grads = None) -> Scores:
   del grads
   leaves, treedef = jax.tree.flatten(params)
   keys = jax.random.split(key, max(len(leaves), 1))
-  # Drawn flat and reshaped: threefry's same numbers, which XLA:CPU compiles ~10x faster
-  # than an N-D draw (see `evoprune.models.init`).
+  # Drawn flat and reshaped: the same numbers (JAX's PRNGs, threefry and rbg, index them by
+  # flat position), which XLA:CPU compiles ~10x faster than an N-D draw (see
+  # `evoprune.models.init`).
   scores = [
       jax.random.uniform(k, (jnp.size(x),), _float_dtype(x)).reshape(jnp.shape(x))
       for k, x in zip(keys, leaves)
