@@ -49,6 +49,9 @@ _ROUNDS = flags.DEFINE_integer("rounds", 5, "Alternating rounds of 3 timed steps
 
 INPUT_SHAPES = {"lenet300_100": (28, 28, 1), "lenet5": (32, 32, 3),
                 "thesis_cnn": (32, 32, 3), "resnet20": (32, 32, 3), "mobilenet": (32, 32, 3)}
+flags.register_validator(
+    "models", lambda names: set(names) <= INPUT_SHAPES.keys(),
+    f"--models names models from {sorted(INPUT_SHAPES)}, comma-separated.")
 BATCH_SIZE = 128
 # evoprune's steps run in compiled calls of this many steps (`fit` runs a whole epoch per
 # call); PyTorch's run one per call, as in its training loops.

@@ -29,6 +29,7 @@ import numpy as np
 
 import evoprune as ep
 from evoprune import training
+from experiments import checks
 from experiments import pipeline
 from experiments import report
 
@@ -37,7 +38,7 @@ ALLOCATIONS = ("uniform", "global", "erk", "evolutionary")
 
 def validate(config: ml_collections.ConfigDict) -> None:
   """Fails fast, before any training, on invalid study settings."""
-  pipeline.targets(config)
+  checks.targets(config)
   if not config.seeds:
     raise ValueError("config.seeds is empty; give at least one seed, e.g. (0, 1, 2).")
   s = config.search
@@ -97,7 +98,7 @@ def run(config: ml_collections.ConfigDict, workdir: str | pathlib.Path) -> dict:
 
     rows.setdefault(("dense", 0.0), []).append(pipeline.cached(
         results_dir / "dense.json", lambda: pipeline.measure(ctx, dense_state(), None)))
-    for target in pipeline.targets(config):
+    for target in checks.targets(config):
       for name in config.search.compare:
         tag = f"{name}@{target:g}"
 

@@ -38,6 +38,7 @@ from evoprune import quantization as quant
 from evoprune import storage
 from evoprune import training
 from evoprune import weight_sharing
+from experiments import checks
 from experiments import pipeline
 from experiments import report
 
@@ -52,7 +53,7 @@ def _combine(config: ml_collections.ConfigDict) -> tuple[str, float] | None:
     target = float(target)
   except ValueError:
     target = -1.0
-  if schedule not in config.compression.schedules or target not in pipeline.targets(config):
+  if schedule not in config.compression.schedules or target not in checks.targets(config):
     raise ValueError(f"config.compression.combine={config.compression.combine!r} must name a "
                      "pruned row, '<schedule>@<target>' with a schedule of "
                      f"config.compression.schedules and a target of config.prune."
@@ -62,7 +63,7 @@ def _combine(config: ml_collections.ConfigDict) -> tuple[str, float] | None:
 
 def validate(config: ml_collections.ConfigDict) -> None:
   """Fails fast, before any training, on invalid study settings."""
-  pipeline.targets(config)
+  checks.targets(config)
   if not config.seeds:
     raise ValueError("config.seeds is empty; give at least one seed, e.g. (0, 1).")
   if config.parallel.data_parallel or config.parallel.num_processes > 1:
@@ -311,7 +312,7 @@ def run(config: ml_collections.ConfigDict, workdir: str | pathlib.Path) -> dict:
 
     add("dense", 0.0, lambda: _float_row(model, dense(), None, "none"))
     for schedule in config.compression.schedules:
-      for target in pipeline.targets(config):
+      for target in checks.targets(config):
         add(schedule, target, lambda s=schedule, t=target: _float_row(
             model, pruned(s, t), pruned(s, t).opt_state.masks, "auto"))
 

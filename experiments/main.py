@@ -26,7 +26,7 @@ import jax
 from ml_collections import config_flags
 
 from evoprune import parallel
-from experiments import pipeline
+from experiments import checks
 from experiments import report
 
 # config.study -> the module whose run(config, workdir) carries it out.
@@ -52,7 +52,7 @@ def main(argv):
   config = _CONFIG.value
   # The device count and the process group are fixed when JAX starts its backends, so
   # they come first (checked first, so a bad value fails before the job is joined).
-  pipeline.validate_parallel(config)
+  checks.validate_parallel(config)
   if config.parallel.cpu_devices:
     parallel.use_cpu_devices(config.parallel.cpu_devices)
   if config.parallel.coordinator_address:

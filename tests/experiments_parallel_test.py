@@ -17,6 +17,7 @@ import numpy as np
 
 import evoprune as ep
 from evoprune import parallel
+from experiments import checks
 from experiments import pipeline
 from experiments.configs import test as test_config
 
@@ -183,7 +184,7 @@ class ValidationTest(parameterized.TestCase):
     section, _, name = field.rpartition(".")
     setattr(config[section] if section else config, name, value)
     with self.assertRaisesRegex(ValueError, message):
-      pipeline.validate(config)
+      checks.validate(config)
 
   @parameterized.named_parameters(
       ("no_process_count", 0, 0, False, "num_processes=0"),
@@ -197,7 +198,7 @@ class ValidationTest(parameterized.TestCase):
     config.parallel.process_id = process_id
     config.parallel.data_parallel = data_parallel
     with self.assertRaisesRegex(ValueError, message):
-      pipeline.validate_parallel(config)
+      checks.validate_parallel(config)
 
   def test_multi_host_fields_pass(self):
     config = small_config("auto")
@@ -205,7 +206,7 @@ class ValidationTest(parameterized.TestCase):
     config.parallel.num_processes = 2
     config.parallel.process_id = 1
     config.parallel.data_parallel = True
-    pipeline.validate(config)
+    checks.validate(config)
 
 
 if __name__ == "__main__":

@@ -12,6 +12,7 @@ from absl.testing import parameterized
 import jax
 
 from experiments import allocation_study
+from experiments import checks
 from experiments import pipeline
 from experiments.configs import default
 from experiments.configs import test as test_config
@@ -190,18 +191,18 @@ class ExperimentsTest(parameterized.TestCase):
     self.assertGreater(row["val_accuracy"]["mean"], 0.2)  # 2 + 1 epochs; chance is 0.1
     config.distill.alpha = 1.5
     with self.assertRaisesRegex(ValueError, "alpha"):
-      pipeline.validate(config)
+      checks.validate(config)
 
   def test_configs_validate(self):
     for config in (default.get_config(), test_config.get_config()):
-      pipeline.validate(config)
+      checks.validate(config)
 
   def test_paper_rules_need_after(self):
     config = test_config.get_config()
     config.prune.when = "during"
     config.prune.methods = ("bezier",)
     with self.assertRaisesRegex(ValueError, "when='after'"):
-      pipeline.validate(config)
+      checks.validate(config)
 
 
 if __name__ == "__main__":

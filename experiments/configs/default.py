@@ -53,7 +53,7 @@ def get_config() -> ml_collections.ConfigDict:
   config.train.seeds_in_one_program = "auto"
 
   config.prune = ml_collections.ConfigDict()
-  # One result row per (method, target). Methods: see experiments/pipeline.py METHODS.
+  # One result row per (method, target). Methods: see experiments/checks.py METHODS.
   config.prune.methods = ("magnitude", "evolution")
   # A float or a tuple of floats (a sweep).
   config.prune.target_sparsity = ml_collections.FieldReference((0.9,), field_type=object)
