@@ -5,18 +5,11 @@ import pathlib
 import tempfile
 
 from absl.testing import absltest
-import jax
 
 from benchmarks import search as bench
 
 
 class SearchBenchmarkTest(absltest.TestCase):
-
-  def setUp(self):
-    super().setUp()
-    # Compilation dominates at smoke sizes; unoptimised XLA compiles several times faster.
-    jax.config.update("jax_disable_most_optimizations", True)
-    self.addCleanup(jax.config.update, "jax_disable_most_optimizations", False)
 
   def test_smoke_run_writes_the_documented_json(self):
     with tempfile.TemporaryDirectory() as tmp:

@@ -20,13 +20,6 @@ DATA = pathlib.Path(__file__).resolve().parents[1].parent / "shared" / "data"
 
 class CompressionStudyTest(absltest.TestCase):
 
-  def setUp(self):
-    super().setUp()
-    # Compilation dominates at smoke sizes (some 40 programs); unoptimised XLA compiles
-    # several times faster. Numerics are checked by the unit tests, not here.
-    jax.config.update("jax_disable_most_optimizations", True)
-    self.addCleanup(jax.config.update, "jax_disable_most_optimizations", False)
-
   def test_data_parallel_is_rejected(self):
     config = thesis_cifar10.get_config("smoke")
     config.parallel.data_parallel = True

@@ -59,15 +59,12 @@ class PipelineScaleOutTest(parameterized.TestCase):
   @classmethod
   def setUpClass(cls):
     super().setUpClass()
-    # Compile-bound (about 60 small programs per run): skip most XLA optimisations here and
-    # in the launched process, as flax's end-to-end example tests do.
-    cls._optimizations = jax.config.read("jax_disable_most_optimizations")
-    jax.config.update("jax_disable_most_optimizations", True)
     cls._tmp = tempfile.TemporaryDirectory()
     root = pathlib.Path(cls._tmp.name)
     cls.dirs = {name: root / name for name in ("sequential", "vmap", "data_parallel")}
     # The 2-device run goes through the launcher in its own process (the device count is
     # fixed when JAX starts); it runs while this process trains the other two.
+    # Unoptimised, as this module (tests/conftest.py).
     env = dict(os.environ, JAX_PLATFORMS="cpu", JAX_DISABLE_MOST_OPTIMIZATIONS="1")
     env.pop("XLA_FLAGS", None)
     cls.proc = subprocess.Popen(
@@ -82,7 +79,6 @@ class PipelineScaleOutTest(parameterized.TestCase):
   @classmethod
   def tearDownClass(cls):
     cls._tmp.cleanup()
-    jax.config.update("jax_disable_most_optimizations", cls._optimizations)
     super().tearDownClass()
 
   def test_vmap_seeds_match_sequential_seeds(self):

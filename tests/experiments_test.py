@@ -9,7 +9,6 @@ import tempfile
 
 from absl.testing import absltest
 from absl.testing import parameterized
-import jax
 
 from experiments import allocation_study
 from experiments import checks
@@ -27,15 +26,6 @@ def launch(*flags: str) -> subprocess.CompletedProcess:
 
 
 class ExperimentsTest(parameterized.TestCase):
-
-  def setUp(self):
-    super().setUp()
-    # End-to-end runs of the pipeline, dominated by compilation, which unoptimised XLA
-    # does faster (this file 93 -> 69 s on 2 workers); numerics are the unit tests'. The
-    # CLI test's subprocess compiles as users do.
-    self.addCleanup(jax.config.update, "jax_disable_most_optimizations",
-                    jax.config.read("jax_disable_most_optimizations"))
-    jax.config.update("jax_disable_most_optimizations", True)
 
   def test_cli_end_to_end(self):
     with tempfile.TemporaryDirectory() as workdir:

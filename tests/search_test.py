@@ -73,16 +73,7 @@ def _tiny_problem(model_class, n, seed):
   return apply_fn, params, scores, x, y
 
 
-class TestCase(parameterized.TestCase):
-  """Compiles without most XLA optimisations: these tests are dominated by compile time."""
-
-  def setUp(self):
-    super().setUp()
-    jax.config.update("jax_disable_most_optimizations", True)
-    self.addCleanup(jax.config.update, "jax_disable_most_optimizations", False)
-
-
-class BudgetTest(TestCase):
+class BudgetTest(parameterized.TestCase):
 
   def test_projection_meets_global_sparsity_within_bounds(self):
     lower = np.array([0.5, 0.0, 0.0, 0.1])
@@ -144,7 +135,7 @@ class BudgetTest(TestCase):
       build()
 
 
-class FitnessTest(TestCase):
+class FitnessTest(parameterized.TestCase):
 
   def test_masks_from_ranks_equal_topk(self):
     # Ties, -0.0 vs +0.0 and NaN exercise topk's ordering rule.
@@ -242,7 +233,7 @@ class FitnessTest(TestCase):
       S.make_fitness(apply_fn, params, scores, x, y, **kwargs)
 
 
-class StrategyTest(TestCase):
+class StrategyTest(parameterized.TestCase):
 
   @parameterized.parameters(*sorted(S.STRATEGIES))
   def test_contract_under_jit_and_scan(self, name):
@@ -348,7 +339,7 @@ class StrategyTest(TestCase):
       S.ga(4, toy_budget()).init(jax.random.key(0), np.zeros(3))
 
 
-class PopulationTest(TestCase):
+class PopulationTest(parameterized.TestCase):
 
   @parameterized.named_parameters(("mlp", TinyMLP), ("cnn", TinyCNN))
   def test_strategies_agree(self, model):
@@ -394,7 +385,7 @@ class PopulationTest(TestCase):
       S.make_evaluator(toy_fitness, None, 4, 4, strategy="map", chunk_size=0)
 
 
-class EvolveTest(TestCase):
+class EvolveTest(parameterized.TestCase):
 
   def test_loop_and_compiled_generations_agree(self):
     search = S.cma_es(6, toy_budget())
@@ -431,7 +422,7 @@ class EvolveTest(TestCase):
     self.assertEqual(results[0].history["best_vector"].shape, (4, 2))
 
 
-class ResearchTest(TestCase):
+class ResearchTest(parameterized.TestCase):
   """Searching again between training segments, warm-started from the last answer."""
 
   def test_segments_search_again_and_the_masks_follow(self):

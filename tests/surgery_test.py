@@ -14,9 +14,6 @@ import orbax.checkpoint as ocp
 import evoprune as ep
 from evoprune import training
 
-# Compilation dominates these tests; the numbers do not depend on XLA's optimisations.
-jax.config.update("jax_disable_most_optimizations", True)
-
 # name, create() keywords, input shape, whether pruned channels can carry constants into
 # zero-padded 3x3 convolutions (then `zero_pruned` comes first).
 _ZOO = {
