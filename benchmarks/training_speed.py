@@ -20,8 +20,10 @@ spread over both cores; PyTorch's team of two in turn slows down by 10x and more
 another process takes one of its cores. Ratios on two busy cores say more about the
 scheduler than about either framework.
 
-JSON: {"<model>": {"jax_ms", "torch_ms", "jax_over_torch", "impl"}} where `impl` says which
-convolution / pooling implementation evoprune used (see `evoprune.ops`).
+JSON: {"<model>": {"jax_ms", "torch_ms", "jax_over_torch", "round_ratios", "impl"}} where
+`round_ratios` are the ratios of each round's medians (the spread behind `jax_over_torch`;
+printed as a range) and `impl` says which convolution / pooling implementation evoprune used
+(see `evoprune.ops`).
 """
 
 import json
@@ -178,7 +180,8 @@ def _timed_block(step: Callable[[], None], count: int) -> list[float]:
 
 
 def measure(name: str, rounds: int, block: int = 3, warmup: int = 2) -> dict[str, Any]:
-  """Median ms per step of both frameworks and the ratio of the medians, jax/torch.
+  """Median ms per step of both frameworks, the ratio of the medians (jax/torch), and the
+  ratio of each round's medians (its spread).
 
   The two frameworks alternate in blocks of `block` steps, `rounds` times, with a pause
   between blocks: both keep worker threads spinning for a while after each step (XLA's
@@ -196,17 +199,21 @@ def measure(name: str, rounds: int, block: int = 3, warmup: int = 2) -> dict[str
   for step in steps.values():
     for _ in range(warmup):
       step()
-  times: dict[str, list[float]] = {key: [] for key in steps}
+  times: dict[str, list[list[float]]] = {key: [] for key in steps}
   for _ in range(rounds):  # alternating blocks: load changes hit both alike
     for key, step in steps.items():
       time.sleep(0.2)  # let the other framework's threads go idle
-      times[key] += _timed_block(step, block)
-  jax_ms = 1e3 * float(np.median(times["jax"])) / STEPS_PER_CALL
-  result = {"jax_ms": jax_ms, "torch_ms": None, "jax_over_torch": None,
-            "impl": ep.ops.describe()}
-  if "torch" in times:
-    result["torch_ms"] = 1e3 * float(np.median(times["torch"]))
-    result["jax_over_torch"] = jax_ms / result["torch_ms"]
+      times[key].append(_timed_block(step, block))
+  per_step = {"jax": 1e3 / STEPS_PER_CALL, "torch": 1e3}  # seconds per call -> ms per step
+  blocks = {key: per_step[key] * np.asarray(t) for key, t in times.items()}  # [rounds, block]
+  result = {"jax_ms": float(np.median(blocks["jax"])), "torch_ms": None,
+            "jax_over_torch": None, "round_ratios": None, "impl": ep.ops.describe()}
+  if "torch" in blocks:
+    result["torch_ms"] = float(np.median(blocks["torch"]))
+    result["jax_over_torch"] = result["jax_ms"] / result["torch_ms"]
+    # The spread of the ratio: each round's medians, taken a few seconds apart.
+    result["round_ratios"] = (np.median(blocks["jax"], 1) /
+                              np.median(blocks["torch"], 1)).round(4).tolist()
   return result
 
 
@@ -238,13 +245,15 @@ def main(argv):
   rounds = 1 if _SMOKE.value else _ROUNDS.value
   results = {}
   print(f"evoprune ops: {ep.ops.describe()}")
-  print(f"{'model':<14} {'jax ms':>9} {'torch ms':>9} {'jax/torch':>10}")
+  print(f"{'model':<14} {'jax ms':>9} {'torch ms':>9} {'jax/torch':>10}  per round")
   for name in _MODELS.value:
     r = measure(name, rounds, block=1 if _SMOKE.value else 3, warmup=1 if _SMOKE.value else 2)
     results[name] = r
     torch_ms = "-" if r["torch_ms"] is None else f"{r['torch_ms']:.2f}"
     ratio = "-" if r["jax_over_torch"] is None else f"{r['jax_over_torch']:.3f}"
-    print(f"{name:<14} {r['jax_ms']:9.2f} {torch_ms:>9} {ratio:>10}", flush=True)
+    spread = ("" if r["round_ratios"] is None else
+              f"{min(r['round_ratios']):.3f}-{max(r['round_ratios']):.3f}")
+    print(f"{name:<14} {r['jax_ms']:9.2f} {torch_ms:>9} {ratio:>10}  {spread}", flush=True)
   if _OUT.value:
     training.write_json_atomic(_OUT.value, results)
   print(json.dumps({"backend": jax.default_backend(), "devices": jax.device_count(),

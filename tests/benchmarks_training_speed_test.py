@@ -29,15 +29,18 @@ class TrainingSpeedBenchmarkTest(absltest.TestCase):
     self.assertEqual(set(results), {"lenet300_100", "lenet5"})
     has_torch = importlib.util.find_spec("torch") is not None
     for r in results.values():
-      self.assertEqual(set(r), {"jax_ms", "torch_ms", "jax_over_torch", "impl"})
+      self.assertEqual(set(r), {"jax_ms", "torch_ms", "jax_over_torch", "round_ratios", "impl"})
       self.assertGreater(r["jax_ms"], 0)
       self.assertTrue(r["impl"].startswith("cpu"))
       if has_torch:
         self.assertGreater(r["torch_ms"], 0)
         self.assertAlmostEqual(r["jax_over_torch"], r["jax_ms"] / r["torch_ms"])
+        self.assertLen(r["round_ratios"], 1)  # --smoke: one round of one step each
+        self.assertAlmostEqual(r["round_ratios"][0], r["jax_over_torch"], places=3)
       else:
         self.assertIsNone(r["torch_ms"])
         self.assertIsNone(r["jax_over_torch"])
+        self.assertIsNone(r["round_ratios"])
     if not has_torch:
       self.assertIn("PyTorch is not installed", proc.stdout)
 
