@@ -218,15 +218,24 @@ def measure(name: str, rounds: int, block: int = 3, warmup: int = 2) -> dict[str
 
 
 def machine() -> str:
-  """One line: CPU model, usable cores, JAX and (if present) PyTorch versions."""
-  model = platform.processor() or platform.machine()
+  """One line: CPU model and widest vector extension, usable cores, JAX and (if present)
+  PyTorch versions. The ratio depends on the extension: on AVX-512 machines of the same
+  kind PyTorch's oneDNN kernels gained more than XLA's Eigen ones (see the README)."""
+  model, flags = platform.processor() or platform.machine(), set()
   try:
     with open("/proc/cpuinfo", encoding="utf-8") as f:
-      model = next(line.split(":", 1)[1].strip() for line in f if line.startswith("model name"))
-  except (OSError, StopIteration):
+      first_cpu = f.read().split("\n\n")[0].splitlines()
+    info = {key.strip(): value.strip()
+            for key, value in (line.split(":", 1) for line in first_cpu if ":" in line)}
+    model = info.get("model name", model)
+    flags = set(info.get("flags", "").split())
+  except OSError:
     pass
+  simd = next((name for flag, name in (("avx512f", "AVX-512"), ("avx2", "AVX2"))
+               if flag in flags), "")
   cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
-  line = f"{model}, {cores} usable cores, jax {jax.__version__} ({jax.default_backend()})"
+  line = (f"{model}{f' ({simd})' if simd else ''}, {cores} usable cores, "
+          f"jax {jax.__version__} ({jax.default_backend()})")
   try:
     import torch  # pylint: disable=g-import-not-at-top
     return line + f", PyTorch {torch.__version__} ({torch.get_num_threads()} threads)"
