@@ -1,6 +1,7 @@
 r"""Train-step time of the zoo against the same network in PyTorch eager, side by side.
 
   python -m benchmarks.training_speed [--out=training_speed.json] [--models=...] [--smoke]
+  python -m benchmarks.training_speed --plain_ops   # also the plain XLA ops, same rounds
   taskset -c 1 python -m benchmarks.training_speed   # one core each (PyTorch follows affinity)
 
 For LeNet-300-100 (MNIST-shaped), LeNet-5, the thesis CNN, ResNet-20 and MobileNet v1
@@ -20,12 +21,15 @@ spread over both cores; PyTorch's team of two in turn slows down by 10x and more
 another process takes one of its cores. Ratios on two busy cores say more about the
 scheduler than about either framework.
 
-JSON: {"<model>": {"jax_ms", "torch_ms", "jax_over_torch", "round_ratios", "impl"}} where
-`round_ratios` are the ratios of each round's medians (the spread behind `jax_over_torch`;
-printed as a range) and `impl` says which convolution / pooling implementation evoprune used
-(see `evoprune.ops`).
+JSON: {"<model>": {"jax_ms", "torch_ms", "jax_over_torch", "round_ratios", "impl",
+"plain_ms", "plain_over_jax"}} where `round_ratios` are the ratios of each round's medians
+(the spread behind `jax_over_torch`; printed as a range), `impl` says which convolution /
+pooling implementation evoprune used (see `evoprune.ops`), and with `--plain_ops` the last
+two are evoprune's step with the plain XLA ops (`EVOPRUNE_OPS=xla`) and its ratio to the
+step with the CPU ones, timed in the same alternating rounds (null without the flag).
 """
 
+import contextlib
 import json
 import os
 import platform
@@ -48,6 +52,12 @@ _MODELS = flags.DEFINE_list(
     "models", ["lenet300_100", "lenet5", "thesis_cnn", "resnet20", "mobilenet"],
     "Models to measure.")
 _ROUNDS = flags.DEFINE_integer("rounds", 5, "Alternating rounds of 3 timed steps per framework.")
+_PLAIN_OPS = flags.DEFINE_bool(
+    "plain_ops", False,
+    "Also time evoprune's step with the plain XLA ops and compiler defaults (as under "
+    "EVOPRUNE_OPS=xla), in the same rounds: whether the CPU formulations pay on this machine. "
+    "Slow: XLA:CPU runs the plain weight gradients as naive loops inside the training "
+    "program's scan (LeNet-5 ~18x, ResNet-20 rounds take many minutes).")
 
 INPUT_SHAPES = {"lenet300_100": (28, 28, 1), "lenet5": (32, 32, 3),
                 "thesis_cnn": (32, 32, 3), "resnet20": (32, 32, 3), "mobilenet": (32, 32, 3)}
@@ -145,26 +155,28 @@ def torch_step(name: str, x: np.ndarray, y: np.ndarray) -> Callable[[], None]:
 # ----------------------------------------------------------------------------- JAX side
 
 
-def jax_step(name: str, x: np.ndarray, y: np.ndarray, steps: int = STEPS_PER_CALL
-             ) -> Callable[[], None]:
+def jax_step(name: str, x: np.ndarray, y: np.ndarray, steps: int = STEPS_PER_CALL,
+             plain: bool = False) -> Callable[[], None]:
   """`steps` of evoprune's train step on a fixed batch, as `fit` runs them.
 
   One call of the compiled `training.make_train_epoch` program (a `lax.scan` over the
   steps, state donated): how `training.fit` trains, so the per-step time has no Python
-  dispatch in it, as it has none in a real run.
+  dispatch in it, as it has none in a real run. `plain`: built and compiled within
+  `ep.ops.plain_ops()` (the plain XLA ops, XLA's default compiler options).
   """
   model = ep.models.create(name, num_classes=10)
   x, y = jnp.asarray(x), jnp.asarray(y)
   tx = optax.sgd(0.01, momentum=0.9)
-  state = training.create_train_state(model, tx, jax.random.key(0), x[:1])
-  train_steps = training.make_train_epoch(model, tx)
   batches = jnp.tile(jnp.arange(x.shape[0])[None], (steps, 1))
-  box = [state]
+  with ep.ops.plain_ops() if plain else contextlib.nullcontext():
+    box = [training.create_train_state(model, tx, jax.random.key(0), x[:1])]
+    train_steps = training.make_train_epoch(model, tx)
 
-  def run():
-    box[0], metrics = train_steps(box[0], x, y, batches)
-    jax.block_until_ready(metrics)
+    def run():
+      box[0], metrics = train_steps(box[0], x, y, batches)
+      jax.block_until_ready(metrics)
 
+    run()  # traces and compiles here, within the context
   return run
 
 
@@ -179,9 +191,11 @@ def _timed_block(step: Callable[[], None], count: int) -> list[float]:
   return times
 
 
-def measure(name: str, rounds: int, block: int = 3, warmup: int = 2) -> dict[str, Any]:
+def measure(name: str, rounds: int, block: int = 3, warmup: int = 2, plain: bool = False
+            ) -> dict[str, Any]:
   """Median ms per step of both frameworks, the ratio of the medians (jax/torch), and the
-  ratio of each round's medians (its spread).
+  ratio of each round's medians (its spread); with `plain`, also evoprune's step with the
+  plain XLA ops (`plain_ms`) and its ratio to the step with the CPU ones (`plain_over_jax`).
 
   The two frameworks alternate in blocks of `block` steps, `rounds` times, with a pause
   between blocks: both keep worker threads spinning for a while after each step (XLA's
@@ -192,6 +206,8 @@ def measure(name: str, rounds: int, block: int = 3, warmup: int = 2) -> dict[str
   x = rng.normal(size=(BATCH_SIZE, *INPUT_SHAPES[name])).astype(np.float32)
   y = rng.integers(0, 10, BATCH_SIZE).astype(np.int32)
   steps = {"jax": jax_step(name, x, y)}
+  if plain:
+    steps["plain"] = jax_step(name, x, y, plain=True)
   try:
     steps["torch"] = torch_step(name, x, y)
   except ImportError:
@@ -204,10 +220,15 @@ def measure(name: str, rounds: int, block: int = 3, warmup: int = 2) -> dict[str
     for key, step in steps.items():
       time.sleep(0.2)  # let the other framework's threads go idle
       times[key].append(_timed_block(step, block))
-  per_step = {"jax": 1e3 / STEPS_PER_CALL, "torch": 1e3}  # seconds per call -> ms per step
+  # seconds per call -> ms per step
+  per_step = {"jax": 1e3 / STEPS_PER_CALL, "plain": 1e3 / STEPS_PER_CALL, "torch": 1e3}
   blocks = {key: per_step[key] * np.asarray(t) for key, t in times.items()}  # [rounds, block]
   result = {"jax_ms": float(np.median(blocks["jax"])), "torch_ms": None,
-            "jax_over_torch": None, "round_ratios": None, "impl": ep.ops.describe()}
+            "jax_over_torch": None, "round_ratios": None, "impl": ep.ops.describe(),
+            "plain_ms": None, "plain_over_jax": None}
+  if "plain" in blocks:
+    result["plain_ms"] = float(np.median(blocks["plain"]))
+    result["plain_over_jax"] = result["plain_ms"] / result["jax_ms"]
   if "torch" in blocks:
     result["torch_ms"] = float(np.median(blocks["torch"]))
     result["jax_over_torch"] = result["jax_ms"] / result["torch_ms"]
@@ -254,15 +275,20 @@ def main(argv):
   rounds = 1 if _SMOKE.value else _ROUNDS.value
   results = {}
   print(f"evoprune ops: {ep.ops.describe()}")
-  print(f"{'model':<14} {'jax ms':>9} {'torch ms':>9} {'jax/torch':>10}  per round")
+  plain_column = f" {'plain/jax':>10}" if _PLAIN_OPS.value else ""
+  print(f"{'model':<14} {'jax ms':>9} {'torch ms':>9} {'jax/torch':>10}{plain_column}  "
+        "per round")
   for name in _MODELS.value:
-    r = measure(name, rounds, block=1 if _SMOKE.value else 3, warmup=1 if _SMOKE.value else 2)
+    r = measure(name, rounds, block=1 if _SMOKE.value else 3, warmup=1 if _SMOKE.value else 2,
+                plain=_PLAIN_OPS.value)
     results[name] = r
     torch_ms = "-" if r["torch_ms"] is None else f"{r['torch_ms']:.2f}"
     ratio = "-" if r["jax_over_torch"] is None else f"{r['jax_over_torch']:.3f}"
+    plain = f" {r['plain_over_jax']:>10.3f}" if _PLAIN_OPS.value else ""
     spread = ("" if r["round_ratios"] is None else
               f"{min(r['round_ratios']):.3f}-{max(r['round_ratios']):.3f}")
-    print(f"{name:<14} {r['jax_ms']:9.2f} {torch_ms:>9} {ratio:>10}  {spread}", flush=True)
+    print(f"{name:<14} {r['jax_ms']:9.2f} {torch_ms:>9} {ratio:>10}{plain}  {spread}",
+          flush=True)
   if _OUT.value:
     training.write_json_atomic(_OUT.value, results)
   print(json.dumps({"backend": jax.default_backend(), "devices": jax.device_count(),
