@@ -166,6 +166,8 @@ def jax_step(name: str, x: np.ndarray, y: np.ndarray, steps: int = STEPS_PER_CAL
   """
   model = ep.models.create(name, num_classes=10)
   x, y = jnp.asarray(x), jnp.asarray(y)
+  # A new `tx` per call: `make_train_epoch` is memoized on (model, tx) and does not key on
+  # the ops mode, so a shared `tx` would hand the plain step the CPU step's program.
   tx = optax.sgd(0.01, momentum=0.9)
   batches = jnp.tile(jnp.arange(x.shape[0])[None], (steps, 1))
   with ep.ops.plain_ops() if plain else contextlib.nullcontext():
