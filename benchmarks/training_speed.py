@@ -2,14 +2,15 @@ r"""Train-step time of the zoo against the same network in PyTorch eager, side b
 
   python -m benchmarks.training_speed [--out=training_speed.json] [--models=...] [--smoke]
   python -m benchmarks.training_speed --plain_ops   # also the plain XLA ops, same rounds
+  python -m benchmarks.training_speed --cpu_ops     # on a GPU: also the CPU formulations
   taskset -c 1 python -m benchmarks.training_speed   # one core each (PyTorch follows affinity)
 
 For LeNet-300-100 (MNIST-shaped), LeNet-5, the thesis CNN, ResNet-20 and MobileNet v1
 (CIFAR-shaped), batch 128, SGD with momentum 0.9 and softmax cross-entropy: evoprune's own
 train step (`evoprune.training.train_step`, run `STEPS_PER_CALL` steps per compiled call of
 `training.make_train_epoch`, as `fit` runs it) and an equivalent PyTorch eager step
-(`zero_grad`, forward, `backward`, `step`; NCHW, the default thread count), measured in the
-same process in alternating blocks of steps, so both see the same load on a shared machine
+(`zero_grad`, forward, `backward`, `step`; NCHW, the default thread count; on the GPU when
+JAX runs on one and PyTorch sees CUDA), measured in the same process in alternating blocks of steps, so both see the same load on a shared machine
 (see `measure`). Each figure is the median per step after warm-up; `jax_over_torch` is the
 ratio of the medians. PyTorch is optional (`pip install torch`); without it the comparison
 is skipped with a line saying so, and `torch_ms` and `jax_over_torch` are null.
@@ -22,14 +23,17 @@ another process takes one of its cores. Ratios on two busy cores say more about 
 scheduler than about either framework.
 
 JSON: {"<model>": {"jax_ms", "torch_ms", "jax_over_torch", "round_ratios", "impl",
-"plain_ms", "plain_over_jax"}} where `round_ratios` are the ratios of each round's medians
-(the spread behind `jax_over_torch`; printed as a range), `impl` says which convolution /
-pooling implementation evoprune used (see `evoprune.ops`), and with `--plain_ops` the last
-two are evoprune's step with the plain XLA ops (`EVOPRUNE_OPS=xla`) and its ratio to the
-step with the CPU ones, timed in the same alternating rounds (null without the flag).
+"plain_ms", "plain_over_jax", "cpu_ms", "cpu_over_jax"}} where `round_ratios` are the
+ratios of each round's medians (the spread behind `jax_over_torch`; printed as a range),
+`impl` says which convolution / pooling implementation evoprune used (see `evoprune.ops`),
+with `--plain_ops` `plain_ms` is evoprune's step with the plain XLA ops on every backend
+(`ops.use('xla')`, as `EVOPRUNE_OPS=xla`) and `plain_over_jax` its ratio to the default
+step, and with `--cpu_ops` `cpu_ms` and `cpu_over_jax` the same for the CPU formulations
+on every backend (`ops.use('cpu')`): on a GPU or TPU, whether the plain ops that evoprune
+stages there by default are the faster. Each is timed in the same alternating rounds, and
+null without its flag.
 """
 
-import contextlib
 import json
 import os
 import platform
@@ -58,6 +62,11 @@ _PLAIN_OPS = flags.DEFINE_bool(
     "EVOPRUNE_OPS=xla), in the same rounds: whether the CPU formulations pay on this machine. "
     "Slow: XLA:CPU runs the plain weight gradients as naive loops inside the training "
     "program's scan (LeNet-5 ~18x, ResNet-20 rounds take many minutes).")
+_CPU_OPS = flags.DEFINE_bool(
+    "cpu_ops", False,
+    "Also time evoprune's step with the CPU formulations on every backend (as "
+    "EVOPRUNE_OPS=cpu), in the same rounds: on a GPU or TPU, whether the plain XLA ops that "
+    "evoprune stages there are the faster (on CPU it is the default step again).")
 
 INPUT_SHAPES = {"lenet300_100": (28, 28, 1), "lenet5": (32, 32, 3),
                 "thesis_cnn": (32, 32, 3), "resnet20": (32, 32, 3), "mobilenet": (32, 32, 3)}
@@ -132,14 +141,21 @@ def torch_model(name: str) -> Any:
   raise ValueError(f"no PyTorch version of {name!r}; valid: {sorted(INPUT_SHAPES)}")
 
 
+def torch_device() -> str:
+  """Where the PyTorch step runs: the GPU when JAX runs on one and PyTorch sees CUDA."""
+  import torch  # pylint: disable=g-import-not-at-top
+  return "cuda" if jax.default_backend() == "gpu" and torch.cuda.is_available() else "cpu"
+
+
 def torch_step(name: str, x: np.ndarray, y: np.ndarray) -> Callable[[], None]:
   """One PyTorch eager SGD-momentum step on a fixed batch (NHWC numpy in, NCHW inside)."""
   import torch  # pylint: disable=g-import-not-at-top
 
   torch.manual_seed(0)
-  net = torch_model(name).train()
-  xt = torch.from_numpy(np.ascontiguousarray(x.transpose(0, 3, 1, 2)))
-  yt = torch.from_numpy(y.astype(np.int64))
+  device = torch_device()
+  net = torch_model(name).to(device).train()
+  xt = torch.from_numpy(np.ascontiguousarray(x.transpose(0, 3, 1, 2))).to(device)
+  yt = torch.from_numpy(y.astype(np.int64)).to(device)
   opt = torch.optim.SGD(net.parameters(), lr=0.01, momentum=0.9)
 
   def step():
@@ -156,29 +172,27 @@ def torch_step(name: str, x: np.ndarray, y: np.ndarray) -> Callable[[], None]:
 
 
 def jax_step(name: str, x: np.ndarray, y: np.ndarray, steps: int = STEPS_PER_CALL,
-             plain: bool = False) -> Callable[[], None]:
+             ops: str = "auto") -> Callable[[], None]:
   """`steps` of evoprune's train step on a fixed batch, as `fit` runs them.
 
   One call of the compiled `training.make_train_epoch` program (a `lax.scan` over the
   steps, state donated): how `training.fit` trains, so the per-step time has no Python
-  dispatch in it, as it has none in a real run. `plain`: built and compiled within
-  `ep.ops.plain_ops()` (the plain XLA ops, XLA's default compiler options).
+  dispatch in it, as it has none in a real run. `ops`: the program is made within
+  `ep.ops.use(ops)` ('xla': the plain XLA ops and XLA's default compiler options; 'cpu':
+  the CPU formulations, on every backend).
   """
   model = ep.models.create(name, num_classes=10)
   x, y = jnp.asarray(x), jnp.asarray(y)
-  # A new `tx` per call: `make_train_epoch` is memoized on (model, tx) and does not key on
-  # the ops mode, so a shared `tx` would hand the plain step the CPU step's program.
   tx = optax.sgd(0.01, momentum=0.9)
   batches = jnp.tile(jnp.arange(x.shape[0])[None], (steps, 1))
-  with ep.ops.plain_ops() if plain else contextlib.nullcontext():
+  with ep.ops.use(ops):
     box = [training.create_train_state(model, tx, jax.random.key(0), x[:1])]
     train_steps = training.make_train_epoch(model, tx)
 
-    def run():
-      box[0], metrics = train_steps(box[0], x, y, batches)
-      jax.block_until_ready(metrics)
+  def run():
+    box[0], metrics = train_steps(box[0], x, y, batches)
+    jax.block_until_ready(metrics)
 
-    run()  # traces and compiles here, within the context
   return run
 
 
@@ -193,11 +207,12 @@ def _timed_block(step: Callable[[], None], count: int) -> list[float]:
   return times
 
 
-def measure(name: str, rounds: int, block: int = 3, warmup: int = 2, plain: bool = False
-            ) -> dict[str, Any]:
+def measure(name: str, rounds: int, block: int = 3, warmup: int = 2, plain: bool = False,
+            cpu: bool = False) -> dict[str, Any]:
   """Median ms per step of both frameworks, the ratio of the medians (jax/torch), and the
-  ratio of each round's medians (its spread); with `plain`, also evoprune's step with the
-  plain XLA ops (`plain_ms`) and its ratio to the step with the CPU ones (`plain_over_jax`).
+  ratio of each round's medians (its spread); with `plain` (`cpu`), also evoprune's step
+  with the plain XLA ops (the CPU formulations) on every backend, `plain_ms` (`cpu_ms`), and
+  its ratio to the default step, `plain_over_jax` (`cpu_over_jax`).
 
   The two frameworks alternate in blocks of `block` steps, `rounds` times, with a pause
   between blocks: both keep worker threads spinning for a while after each step (XLA's
@@ -209,7 +224,9 @@ def measure(name: str, rounds: int, block: int = 3, warmup: int = 2, plain: bool
   y = rng.integers(0, 10, BATCH_SIZE).astype(np.int32)
   steps = {"jax": jax_step(name, x, y)}
   if plain:
-    steps["plain"] = jax_step(name, x, y, plain=True)
+    steps["plain"] = jax_step(name, x, y, ops="xla")
+  if cpu:
+    steps["cpu"] = jax_step(name, x, y, ops="cpu")
   try:
     steps["torch"] = torch_step(name, x, y)
   except ImportError:
@@ -223,14 +240,15 @@ def measure(name: str, rounds: int, block: int = 3, warmup: int = 2, plain: bool
       time.sleep(0.2)  # let the other framework's threads go idle
       times[key].append(_timed_block(step, block))
   # seconds per call -> ms per step
-  per_step = {"jax": 1e3 / STEPS_PER_CALL, "plain": 1e3 / STEPS_PER_CALL, "torch": 1e3}
-  blocks = {key: per_step[key] * np.asarray(t) for key, t in times.items()}  # [rounds, block]
+  blocks = {key: (1e3 if key == "torch" else 1e3 / STEPS_PER_CALL) * np.asarray(t)
+            for key, t in times.items()}  # [rounds, block]
   result = {"jax_ms": float(np.median(blocks["jax"])), "torch_ms": None,
             "jax_over_torch": None, "round_ratios": None, "impl": ep.ops.describe(),
-            "plain_ms": None, "plain_over_jax": None}
-  if "plain" in blocks:
-    result["plain_ms"] = float(np.median(blocks["plain"]))
-    result["plain_over_jax"] = result["plain_ms"] / result["jax_ms"]
+            "plain_ms": None, "plain_over_jax": None, "cpu_ms": None, "cpu_over_jax": None}
+  for key in ("plain", "cpu"):
+    if key in blocks:
+      result[f"{key}_ms"] = float(np.median(blocks[key]))
+      result[f"{key}_over_jax"] = result[f"{key}_ms"] / result["jax_ms"]
   if "torch" in blocks:
     result["torch_ms"] = float(np.median(blocks["torch"]))
     result["jax_over_torch"] = result["jax_ms"] / result["torch_ms"]
@@ -257,13 +275,18 @@ def machine() -> str:
   simd = next((name for flag, name in (("avx512f", "AVX-512"), ("avx2", "AVX2"))
                if flag in flags), "")
   cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+  backend = jax.default_backend()
+  if backend != "cpu":
+    backend += f": {jax.devices()[0].device_kind}"
   line = (f"{model}{f' ({simd})' if simd else ''}, {cores} usable cores, "
-          f"jax {jax.__version__} ({jax.default_backend()})")
+          f"jax {jax.__version__} ({backend})")
   try:
     import torch  # pylint: disable=g-import-not-at-top
-    return line + f", PyTorch {torch.__version__} ({torch.get_num_threads()} threads)"
   except ImportError:
     return line
+  where = torch_device()
+  where = f"{torch.get_num_threads()} threads" if where == "cpu" else where
+  return line + f", PyTorch {torch.__version__} ({where})"
 
 
 def main(argv):
@@ -277,19 +300,19 @@ def main(argv):
   rounds = 1 if _SMOKE.value else _ROUNDS.value
   results = {}
   print(f"evoprune ops: {ep.ops.describe()}")
-  plain_column = f" {'plain/jax':>10}" if _PLAIN_OPS.value else ""
-  print(f"{'model':<14} {'jax ms':>9} {'torch ms':>9} {'jax/torch':>10}{plain_column}  "
-        "per round")
+  extra = [key for key, flag in (("plain", _PLAIN_OPS), ("cpu", _CPU_OPS)) if flag.value]
+  columns = "".join(f" {key + '/jax':>10}" for key in extra)
+  print(f"{'model':<14} {'jax ms':>9} {'torch ms':>9} {'jax/torch':>10}{columns}  per round")
   for name in _MODELS.value:
     r = measure(name, rounds, block=1 if _SMOKE.value else 3, warmup=1 if _SMOKE.value else 2,
-                plain=_PLAIN_OPS.value)
+                plain=_PLAIN_OPS.value, cpu=_CPU_OPS.value)
     results[name] = r
     torch_ms = "-" if r["torch_ms"] is None else f"{r['torch_ms']:.2f}"
     ratio = "-" if r["jax_over_torch"] is None else f"{r['jax_over_torch']:.3f}"
-    plain = f" {r['plain_over_jax']:>10.3f}" if _PLAIN_OPS.value else ""
+    ratios = "".join(f" {r[key + '_over_jax']:>10.3f}" for key in extra)
     spread = ("" if r["round_ratios"] is None else
               f"{min(r['round_ratios']):.3f}-{max(r['round_ratios']):.3f}")
-    print(f"{name:<14} {r['jax_ms']:9.2f} {torch_ms:>9} {ratio:>10}{plain}  {spread}",
+    print(f"{name:<14} {r['jax_ms']:9.2f} {torch_ms:>9} {ratio:>10}{ratios}  {spread}",
           flush=True)
   if _OUT.value:
     training.write_json_atomic(_OUT.value, results)

@@ -305,8 +305,8 @@ def _matmuls(model: nn.Module, params: Params, batch_stats: Any, shape: tuple[in
     with jax.named_scope(f"{_SCOPE_PREFIX}{len(module_paths) - 1}"):
       return next_fun(*args, **kwargs)
 
-  # The network's own products, not those of a CPU formulation (`ops.plain_ops`).
-  with nn.intercept_methods(interceptor), ops.plain_ops():
+  # The network's own products, not those of a CPU formulation (`ops.use`).
+  with nn.intercept_methods(interceptor), ops.use("xla"):
     closed = jax.make_jaxpr(lambda v, x: model.apply(v, x, train=False))(variables, x)
   events: list[tuple[int | None, int, tuple[int, ...]]] = []
   _walk(closed.jaxpr, None, 1, events)

@@ -20,7 +20,8 @@ class TrainingSpeedBenchmarkTest(absltest.TestCase):
       out = pathlib.Path(tmp) / "speed.json"
       proc = subprocess.run(
           [sys.executable, "-m", "benchmarks.training_speed", "--smoke",
-           "--models=lenet300_100,lenet5", "--plain_ops", f"--out={out}"],
+           "--models=lenet300_100,lenet5", "--plain_ops", "--cpu_ops",
+           f"--out={out}"],
           cwd=REPO, capture_output=True, text=True, timeout=600,
           # Unoptimised XLA compiles several times faster; the smoke run checks the outputs.
           env=dict(os.environ, JAX_PLATFORMS="cpu", JAX_DISABLE_MOST_OPTIMIZATIONS="1"))
@@ -30,10 +31,11 @@ class TrainingSpeedBenchmarkTest(absltest.TestCase):
     has_torch = importlib.util.find_spec("torch") is not None
     for r in results.values():
       self.assertEqual(set(r), {"jax_ms", "torch_ms", "jax_over_torch", "round_ratios", "impl",
-                                "plain_ms", "plain_over_jax"})
+                                "plain_ms", "plain_over_jax", "cpu_ms", "cpu_over_jax"})
       self.assertGreater(r["jax_ms"], 0)
-      self.assertGreater(r["plain_ms"], 0)  # --plain_ops
-      self.assertAlmostEqual(r["plain_over_jax"], r["plain_ms"] / r["jax_ms"])
+      for key in ("plain", "cpu"):  # --plain_ops, --cpu_ops
+        self.assertGreater(r[f"{key}_ms"], 0)
+        self.assertAlmostEqual(r[f"{key}_over_jax"], r[f"{key}_ms"] / r["jax_ms"])
       self.assertTrue(r["impl"].startswith("cpu"))
       if has_torch:
         self.assertGreater(r["torch_ms"], 0)

@@ -24,7 +24,7 @@ def _init(model, shape, dtype=jnp.float32):
 def _xla_macs(fn, *args):
   """XLA's flop count of `fn(*args)` / 2 with the plain XLA ops (cost_analysis is a dict in
   jax 0.10; a one-element list of dicts in older releases)."""
-  with ep.ops.plain_ops():  # the network's convolutions, not a CPU formulation's
+  with ep.ops.use("xla"):  # the network's convolutions, not a CPU formulation's
     cost = jax.jit(fn).lower(*args).compile().cost_analysis()
   if isinstance(cost, (list, tuple)):
     cost = cost[0]

@@ -173,7 +173,7 @@ class ConvTest(parameterized.TestCase):
     np.testing.assert_array_equal(tangent, jnp.ones_like(x))
     np.testing.assert_array_equal(jax.vmap(ops.materialize)(x), x)
     self.assertIn("platform_index", str(jax.make_jaxpr(ops.materialize)(x)))
-    with ops.plain_ops():  # a fresh function: jaxprs are cached per function
+    with ops.use("xla"):  # a fresh function: jaxprs are cached per function
       self.assertNotIn("platform_index", str(jax.make_jaxpr(lambda v: ops.materialize(v))(x)))
 
   def test_chunks_divide_the_batch(self):
@@ -239,15 +239,47 @@ class ConvTest(parameterized.TestCase):
     with self.assertRaisesRegex(ValueError, "impl="):
       ops.max_pool(x, impl="")
 
-  def test_plain_ops_stage_only_the_xla_convolution(self):
+  def test_use_stages_one_implementation_on_every_backend(self):
     x, kernel = _random((2, 8, 8, 3), 30), _random((3, 3, 3, 4), 31)
-    conv = lambda x, k: ops.conv(x, k, (1, 1), "SAME")
-    with ops.plain_ops():
-      plain = str(jax.make_jaxpr(conv)(x, kernel))
-      self.assertEqual(ops.describe("cpu"), ops.describe("gpu"))
-    xla = str(jax.make_jaxpr(lambda x, k: ops.conv(x, k, (1, 1), "SAME", impl="xla"))(x, kernel))
-    self.assertEqual(plain, xla)
-    self.assertNotEqual(ops.describe("cpu"), ops.describe("gpu"))  # reset on exit
+    for impl in ("xla", "cpu"):
+      with self.subTest(impl):
+        # Fresh functions each time: jaxprs are cached per function.
+        with ops.use(impl):
+          self.assertEqual(ops.mode(), impl)
+          used = str(jax.make_jaxpr(lambda x, k: ops.conv(x, k, (1, 1), "SAME"))(x, kernel))
+          self.assertEqual(ops.describe("cpu"), ops.describe("gpu"))
+          self.assertTrue(ops.describe("gpu").startswith(impl))
+          self.assertEqual(ops.compiler_options("gpu"), {})
+        explicit = str(jax.make_jaxpr(
+            lambda x, k, i=impl: ops.conv(x, k, (1, 1), "SAME", impl=i))(x, kernel))
+        self.assertEqual(used, explicit)
+        self.assertNotIn("platform_index", used)
+    self.assertEqual(ops.mode(), "auto")  # reset on exit
+    self.assertNotEqual(ops.describe("cpu"), ops.describe("gpu"))
+    with mock.patch.dict(os.environ, {"EVOPRUNE_OPS": "xla"}), ops.use("auto"):
+      self.assertEqual(ops.mode(), "auto")  # the context wins over the environment
+
+  def test_environment_chooses_and_is_checked(self):
+    for value, expected in (("", "auto"), ("xla", "xla"), ("cpu", "cpu")):
+      with mock.patch.dict(os.environ, {"EVOPRUNE_OPS": value}):
+        self.assertEqual(ops.mode(), expected)
+    with mock.patch.dict(os.environ, {"EVOPRUNE_OPS": "eigen"}):
+      with self.assertRaisesRegex(ValueError, "EVOPRUNE_OPS='eigen'"):
+        ops.conv(jnp.zeros((1, 4, 4, 4)), jnp.zeros((3, 3, 4, 4)))
+    with self.assertRaisesRegex(ValueError, "impl='gpu'"):
+      with ops.use("gpu"):
+        pass
+
+  def test_jit_binds_the_mode_in_effect_when_made(self):
+    x, kernel = _random((2, 8, 8, 4), 32), _random((3, 3, 4, 4), 33)
+    with ops.use("xla"):
+      plain = ops.jit(lambda x, k: ops.conv(x, k, (1, 1), "SAME"))
+    auto = ops.jit(lambda x, k: ops.conv(x, k, (1, 1), "SAME"))
+    # Traced outside the context, and the other way round.
+    self.assertNotIn("platform_index", str(plain.trace(x, kernel).jaxpr))
+    with ops.use("xla"):
+      self.assertIn("platform_index", str(auto.trace(x, kernel).jaxpr))
+    _assert_close(self, plain(x, kernel), auto(x, kernel))
 
   def test_describe_names_the_backend_choice(self):
     self.assertTrue(ops.describe("cpu").startswith("cpu"))

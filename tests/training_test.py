@@ -83,6 +83,18 @@ class TrainingTest(parameterized.TestCase):
     self.assertEqual(train_epoch._cache_size(), 1)  # pylint: disable=protected-access
     self.assertEqual(metrics["loss"].shape, (8,))
 
+  def test_programs_are_memoized_per_ops_mode(self):
+    model, tx, _, _ = make()
+    for make_program in (lambda: training.make_train_epoch(model, tx),
+                         lambda: training.make_seeds_train_epoch(model, tx),
+                         lambda: training.make_evaluate(model)):
+      auto = make_program()
+      self.assertIs(make_program(), auto)
+      with ep.ops.use("xla"):
+        plain = make_program()
+        self.assertIs(make_program(), plain)
+      self.assertIsNot(plain, auto)
+
   def test_objective_equal_to_cross_entropy_gives_identical_params(self):
     model, tx, state, config = make()
     config = dataclasses.replace(config, steps_per_call=3)  # calls of 3, 3 and 2 steps

@@ -74,8 +74,12 @@ interior-padded masked copies, the version before the stored positions).
 
 `describe()` names the implementation `auto` uses on the default backend. Setting the
 environment variable `EVOPRUNE_OPS=xla` before tracing turns the CPU formulations off
-(every call then stages the plain XLA op), e.g. to compare against them; `plain_ops()`
-does the same for what is traced inside it (`cost` counts MACs so).
+(every call then stages the plain XLA op), e.g. to compare against them, and
+`EVOPRUNE_OPS=cpu` stages them on every backend, e.g. to time them on a GPU; `use('xla')`
+and `use('cpu')` do the same for what is traced inside them (`cost` counts MACs under
+`use('xla')`), and `mode()` says which is in effect. The choice is made when a function is
+traced; `jit` binds it, with `compiler_options()`, to the program it makes (the training
+and evaluation programs are made so).
 
 Modules: `backend` (which implementation is staged, compiler options, `materialize`),
 `convolution` (the public convolutions and the dense formulation), `space_to_depth`
@@ -88,11 +92,13 @@ from evoprune.ops.backend import IMPLEMENTATIONS
 from evoprune.ops.backend import compiler_options
 from evoprune.ops.backend import describe
 from evoprune.ops.backend import materialize
-from evoprune.ops.backend import plain_ops
+from evoprune.ops.backend import jit
+from evoprune.ops.backend import mode
+from evoprune.ops.backend import use
 from evoprune.ops.convolution import conv
 from evoprune.ops.convolution import conv_general_dilated
 from evoprune.ops.normalization import batch_norm
 from evoprune.ops.pooling import max_pool
 
 __all__ = ["IMPLEMENTATIONS", "batch_norm", "compiler_options", "conv", "conv_general_dilated",
-           "describe", "materialize", "max_pool", "plain_ops"]
+           "describe", "jit", "materialize", "max_pool", "mode", "use"]

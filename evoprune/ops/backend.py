@@ -16,16 +16,30 @@ IMPLEMENTATIONS = ("auto", "xla", "cpu")
 Padding = str | Sequence[tuple[int, int]]
 
 
-# Set by `plain_ops()`: 'auto' stages only the plain XLA ops while tracing.
-_PLAIN = contextvars.ContextVar("evoprune_plain_ops", default=False)
+# Set by `use()`: what impl='auto' stages while tracing (None: as `EVOPRUNE_OPS` says).
+_USE = contextvars.ContextVar("evoprune_ops", default=None)
+
+
+def _checked(impl: str, name: str) -> str:
+  if impl not in IMPLEMENTATIONS:
+    raise ValueError(f"{name}={impl!r} is unknown; use one of {IMPLEMENTATIONS}")
+  return impl
+
+
+def mode() -> str:
+  """What `impl='auto'` stages now: 'auto' (the CPU formulations where the program is
+  compiled for CPU, the plain XLA ops elsewhere), 'xla' or 'cpu' (those on every backend).
+
+  Set by `use()`, else by the environment variable `EVOPRUNE_OPS` (unset: 'auto').
+  """
+  forced = _USE.get()
+  if forced is not None:
+    return forced
+  return _checked(os.environ.get("EVOPRUNE_OPS", "") or "auto", "EVOPRUNE_OPS")
 
 
 def _check_impl(impl: str) -> str:
-  if impl not in IMPLEMENTATIONS:
-    raise ValueError(f"impl={impl!r} is unknown; use one of {IMPLEMENTATIONS}")
-  if impl == "auto" and (os.environ.get("EVOPRUNE_OPS", "") == "xla" or _PLAIN.get()):
-    return "xla"
-  return impl
+  return mode() if _checked(impl, "impl") == "auto" else impl
 
 
 def _stage(impl: str, cpu, reference, *operands):
@@ -39,17 +53,34 @@ def _stage(impl: str, cpu, reference, *operands):
 
 
 @contextlib.contextmanager
-def plain_ops():
-  """Within this context, `impl='auto'` stages only the plain XLA ops, as `EVOPRUNE_OPS=xla`.
+def use(impl: str):
+  """Within this context, `impl='auto'` stages `impl`'s ops, whatever `EVOPRUNE_OPS` says.
 
-  For analyses of the network rather than of how it runs on CPU: `cost` counts the MACs of
-  the plain convolutions (the space-to-depth RGB forward does ~1.4x as many).
+  'xla': the plain XLA ops on every backend, for analyses of the network rather than of how
+  it runs on CPU (`cost` counts the MACs of the plain convolutions; the space-to-depth RGB
+  forward does ~1.4x as many) and to time them against the CPU formulations. 'cpu': the CPU
+  formulations on every backend, to time them on a GPU or TPU. 'auto': by backend.
+  The choice is made when a function is traced: `jit` binds it to a program.
   """
-  token = _PLAIN.set(True)
+  token = _USE.set(_checked(impl, "impl"))
   try:
     yield
   finally:
-    _PLAIN.reset(token)
+    _USE.reset(token)
+
+
+def jit(fn, **jit_kwargs):
+  """`jax.jit(fn, compiler_options=compiler_options(), **jit_kwargs)`, traced under the ops
+  mode in effect now (`mode()`) whenever it is traced, so a program made within `use()`
+  keeps its ops outside it (and the other way round)."""
+  staged = mode()
+
+  @functools.wraps(fn)
+  def bound(*args, **kwargs):
+    with use(staged):
+      return fn(*args, **kwargs)
+
+  return jax.jit(bound, compiler_options=compiler_options(), **jit_kwargs)
 
 
 # XLA:CPU (jaxlib 0.10.2) hands dense convolutions, dots and reductions to YNNPACK
@@ -79,19 +110,26 @@ def compiler_options(backend: str | None = None) -> dict[str, str]:
   """`jax.jit(..., compiler_options=...)` for the programs that train the zoo on `backend`.
 
   On CPU, convolutions go to Eigen's multithreaded kernels instead of YNNPACK's (see
-  `_CPU_COMPILER_OPTIONS`); empty on other backends, under `EVOPRUNE_OPS=xla`, and where
-  the installed jaxlib does not know the option.
+  `_CPU_COMPILER_OPTIONS`); empty on other backends, where the plain ops are staged
+  (`use('xla')`, `EVOPRUNE_OPS=xla`), and where the installed jaxlib does not know the
+  option.
   """
-  backend = backend or jax.default_backend()
-  if backend != "cpu" or _check_impl("auto") == "xla" or not _cpu_options_supported():
+  if _staged(backend) != "cpu" or (backend or jax.default_backend()) != "cpu":
     return {}
-  return dict(_CPU_COMPILER_OPTIONS)
+  return dict(_CPU_COMPILER_OPTIONS) if _cpu_options_supported() else {}
+
+
+def _staged(backend: str | None) -> str:
+  """'cpu' or 'xla': what `impl='auto'` stages for a program compiled for `backend`."""
+  staged = mode()
+  if staged == "auto":
+    return "cpu" if (backend or jax.default_backend()) == "cpu" else "xla"
+  return staged
 
 
 def describe(backend: str | None = None) -> str:
   """What `impl='auto'` runs on `backend` (default: JAX's default backend)."""
-  backend = backend or jax.default_backend()
-  if backend != "cpu" or _check_impl("auto") == "xla":
+  if _staged(backend) == "xla":
     return "xla (lax.conv_general_dilated, reduce_window max pool)"
   return ("cpu (conv: XLA forward/input grad (Eigen in training programs), weight grad "
           "as a canonical conv (stride 1) or chunked im2col matmuls (strided), few-channel "

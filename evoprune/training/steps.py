@@ -204,7 +204,21 @@ def _epoch_fn(model: nn.Module, tx: optax.GradientTransformation, label_smoothin
   return train_epoch
 
 
-@functools.lru_cache(maxsize=64)
+def _memoized(maker: Callable) -> Callable:
+  """`functools.lru_cache(maxsize=64)` of a program maker, keyed also on the ops mode
+  (`ops.mode()`): the programs are made with `ops.jit`, which binds the mode, so one made
+  under `ops.use('xla')` is not handed out outside it."""
+  cached = functools.lru_cache(maxsize=64)(
+      lambda mode, args, kwargs: maker(*args, **dict(kwargs)))
+
+  @functools.wraps(maker)
+  def make(*args, **kwargs):
+    return cached(ops.mode(), args, tuple(sorted(kwargs.items())))
+
+  return make
+
+
+@_memoized
 def make_train_epoch(model: nn.Module, tx: optax.GradientTransformation, *,
                      label_smoothing: float = 0.0, augment: Callable | None = None,
                      mesh: jax.sharding.Mesh | None = None, objective: Objective | None = None
@@ -225,11 +239,11 @@ def make_train_epoch(model: nn.Module, tx: optax.GradientTransformation, *,
   `data` axis; the caller places the arrays (`fit` does): x, y replicated, the state
   replicated or sharded by a rule, batch_indices split along B.
   """
-  return jax.jit(_epoch_fn(model, tx, label_smoothing, augment, mesh, objective),
-                 donate_argnums=(0,), compiler_options=ops.compiler_options())
+  return ops.jit(_epoch_fn(model, tx, label_smoothing, augment, mesh, objective),
+                 donate_argnums=(0,))
 
 
-@functools.lru_cache(maxsize=64)
+@_memoized
 def make_seeds_train_epoch(model: nn.Module, tx: optax.GradientTransformation, *,
                            label_smoothing: float = 0.0, augment: Callable | None = None,
                            objective: Objective | None = None) -> Callable:
@@ -247,10 +261,10 @@ def make_seeds_train_epoch(model: nn.Module, tx: optax.GradientTransformation, *
   def train_epoch(states, x, y, batch_indices, objective_args=None):
     return epochs(states, x, y, batch_indices, objective_args)
 
-  return jax.jit(train_epoch, donate_argnums=(0,), compiler_options=ops.compiler_options())
+  return ops.jit(train_epoch, donate_argnums=(0,))
 
 
-@functools.lru_cache(maxsize=64)
+@_memoized
 def make_evaluate(model: nn.Module, batch_size: int = 1000) -> Callable:
   """Returns `evaluate(params, batch_stats, x, y) -> {'loss', 'accuracy'}` (jax scalars).
 
@@ -259,7 +273,6 @@ def make_evaluate(model: nn.Module, batch_size: int = 1000) -> Callable:
   `make_train_epoch`.
   """
 
-  @jax.jit
   def evaluate(params, batch_stats, x, y):
     n = x.shape[0]
     size = min(batch_size, n)
@@ -279,4 +292,4 @@ def make_evaluate(model: nn.Module, batch_size: int = 1000) -> Callable:
     (loss, correct), _ = jax.lax.scan(body, (0.0, 0.0), (xs, ys, weights))
     return {"loss": loss / n, "accuracy": correct / n}
 
-  return evaluate
+  return ops.jit(evaluate)
