@@ -197,10 +197,10 @@ def _dense_fwd(x, kernel, strides, padding):
 
 
 def _input_grad(g, kernel, x_shape, strides, padding):
-  """dL/dx of a dense convolution: g (dilated by the stride) convolved with the flipped
-  kernel, its in/out axes swapped in memory; stride-1 convolutions with few input
-  channels as the written-out transpose of their space-to-depth form
-  (`space_to_depth.input_grad`).
+  """dL/dx of a dense convolution: g convolved with the flipped kernel, its in/out axes
+  swapped in memory; stride-1 convolutions with few input channels as the written-out
+  transpose of their space-to-depth form (`space_to_depth.input_grad`), strided ones one
+  phase of the stride at a time (`_strided_input_grad`).
 
   JAX's own transpose rule expresses the same convolution with a reversed kernel and
   swapped kernel dimension labels; XLA:CPU runs that form 5-18x slower inside a
@@ -219,8 +219,41 @@ def _input_grad(g, kernel, x_shape, strides, padding):
   pads = tuple(pads)
   if strides == (1, 1):
     return _stride1_conv(g, flipped, pads)
-  return lax.conv_general_dilated(g, flipped, (1, 1), pads, lhs_dilation=strides,
-                                  dimension_numbers=NHWC)
+  return _strided_input_grad(g, kernel, x_shape, strides, padding)
+
+
+def _strided_input_grad(g: jax.Array, kernel: jax.Array, x_shape: tuple[int, ...],
+                        strides: tuple[int, int], padding: tuple[tuple[int, int], ...]
+                        ) -> jax.Array:
+  """dL/dx [B, H, W, C_in] of a strided dense convolution, split by output phase.
+
+  Input position n = s * m + r (in padded coordinates) receives g[m - t] K[s * t + r],
+  t = 0 .. T - 1, T = ceil(k / s), per axis: for each phase r a stride-1 correlation of
+  g with a T x T sub-kernel. All sy * sx phases are one stride-1 convolution of g with a
+  [Ty, Tx, C_out, sy * sx * C_in] kernel (taps past k are zero), whose output is
+  interleaved back (depth to space) and cropped to x. XLA's form, a convolution of g
+  dilated by the stride, multiplies the inserted zeros too and is no Eigen convolution:
+  ResNet-20's 16->32 layer (batch 128, 2-core AVX-512 AMD EPYC, inside `lax.scan`) 12.0 ->
+  3.9 ms, its 32->64 layer 5.0 -> 3.3; train step 0.96 of the dilated form (same process).
+  """
+  kh, kw, c_in, c_out = kernel.shape
+  (sy, sx), (ty, tx) = strides, (-(-kh // strides[0]), -(-kw // strides[1]))
+  # phases[a, b, o, (ry, rx, c)] = K[sy * (Ty - 1 - a) + ry, sx * (Tx - 1 - b) + rx, c, o]
+  phases = jnp.pad(kernel, ((0, ty * sy - kh), (0, tx * sx - kw), (0, 0), (0, 0)))
+  phases = phases.reshape(ty, sy, tx, sx, c_in, c_out)[::-1, :, ::-1]
+  phases = phases.transpose(0, 2, 5, 1, 3, 4).reshape(ty, tx, c_out, sy * sx * c_in)
+  g_pads, offsets, spans = [], [], []
+  for size, t, s, (low, _), out in zip(x_shape[1:3], (ty, tx), strides, padding,
+                                       g.shape[1:3]):
+    first, last = low // s, (low + size - 1) // s  # the m that x's positions fall in
+    g_pads.append((t - 1 - first, last - (out - 1), 0))  # negative: cropped
+    offsets.append(low - s * first)
+    spans.append(last - first + 1)
+  g = lax.pad(g, jnp.zeros((), g.dtype), ((0, 0, 0), *g_pads, (0, 0, 0)))
+  z = lax.conv_general_dilated(g, phases, (1, 1), "VALID", dimension_numbers=NHWC)
+  z = z.reshape(g.shape[0], spans[0], spans[1], sy, sx, c_in).transpose(0, 1, 3, 2, 4, 5)
+  z = z.reshape(g.shape[0], spans[0] * sy, spans[1] * sx, c_in)
+  return z[:, offsets[0]:offsets[0] + x_shape[1], offsets[1]:offsets[1] + x_shape[2]]
 
 
 def _dense_bwd(strides, padding, residuals, g):
