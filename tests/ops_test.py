@@ -55,6 +55,10 @@ _CONVS = (
     ("dense_stride2_pad1", (2, 9, 9, 4), (3, 3, 4, 6), (2, 2), ((1, 1), (1, 1)), 1),
     ("dense_asymmetric_pad", (2, 6, 7, 4), (3, 2, 4, 3), (1, 2), ((0, 2), (1, 0)), 1),
     ("dense_stride2_same_even", (2, 8, 8, 4), (3, 3, 4, 6), (2, 2), "SAME", 1),
+    ("dense_on_pixel_pairs_odd_width", (2, 6, 7, 12), (3, 3, 12, 10), (1, 1), "SAME", 1),
+    ("dense_on_pixel_pairs_5x4_valid", (2, 9, 10, 9), (5, 4, 9, 16), (1, 1), "VALID", 1),
+    ("dense_on_pixel_pairs_padding_beyond_window", (2, 6, 6, 10), (3, 3, 10, 8), (1, 1),
+     ((0, 3), (4, 0)), 1),
     ("dense_5x5_stride3", (2, 11, 10, 5), (5, 5, 5, 6), (3, 3), ((2, 1), (0, 2)), 1),
     ("dense_window_equals_stride_unused_edge", (2, 8, 9, 4), (2, 2, 4, 3), (2, 2), "VALID", 1),
     ("dense_stride2_padding_beyond_window", (2, 7, 7, 4), (3, 3, 4, 5), (2, 2),
@@ -110,19 +114,23 @@ class ConvTest(parameterized.TestCase):
 
   @parameterized.named_parameters(
       # (x shape, kernel shape, padding, forward and input-gradient convolutions on
-      # squares, weight gradients on squares, input gradients as the squares' transpose)
-      ("lenet5_conv1", (2, 12, 12, 3), (5, 5, 3, 6), "VALID", 1, 1, 1),
-      ("lenet5_conv2", (2, 14, 14, 6), (5, 5, 6, 16), "VALID", 1, 0, 1),
-      ("rgb_many_outputs", (2, 8, 8, 3), (3, 3, 3, 32), "VALID", 0, 0, 1),
-      ("few_channels_both_ways", (2, 9, 9, 6), (5, 5, 6, 7), "SAME", 2, 1, 0),
-      ("few_output_channels_same", (2, 8, 8, 16), (3, 3, 16, 6), "SAME", 2, 0, 0),
-      ("many_channels", (2, 8, 8, 16), (3, 3, 16, 32), "SAME", 0, 0, 0),
+      # squares, on pixel pairs, weight gradients on squares, input gradients as the
+      # squares' transpose)
+      ("lenet5_conv1", (2, 12, 12, 3), (5, 5, 3, 6), "VALID", 1, 0, 1, 1),
+      ("lenet5_conv2", (2, 14, 14, 6), (5, 5, 6, 16), "VALID", 1, 0, 0, 1),
+      ("rgb_many_outputs", (2, 8, 8, 3), (3, 3, 3, 32), "VALID", 0, 0, 0, 1),
+      ("few_channels_both_ways", (2, 9, 9, 6), (5, 5, 6, 7), "SAME", 2, 0, 1, 0),
+      ("few_output_channels_same", (2, 8, 8, 16), (3, 3, 16, 6), "SAME", 2, 0, 0, 0),
+      ("resnet20_first_stage", (2, 8, 9, 16), (3, 3, 16, 16), "SAME", 0, 2, 0, 0),
+      ("up_to_16_channels_valid", (2, 9, 10, 8), (3, 3, 8, 12), "VALID", 0, 2, 0, 0),
+      ("many_channels", (2, 8, 8, 16), (3, 3, 16, 32), "SAME", 0, 0, 0, 0),
   )
   def test_few_channel_convolutions_run_on_squares(self, x_shape, k_shape, padding,
-                                                   convs_on_squares, weight_grads_on_squares,
+                                                   convs_on_squares, convs_on_pairs,
+                                                   weight_grads_on_squares,
                                                    transposed_input_grads):
-    # Which stride-1 convolutions run on 2x2 space-to-depth squares (values are checked
-    # against lax in the tests above).
+    # Which stride-1 convolutions run on 2x2 space-to-depth squares or pixel pairs (values
+    # are checked against lax in the tests above and below).
     x, kernel = _random(x_shape, 15), _random(k_shape, 16)
     fn = lambda x, k: ops.conv(x, k, (1, 1), padding, impl="cpu")
     # pylint: disable=protected-access
@@ -132,7 +140,10 @@ class ConvTest(parameterized.TestCase):
         mock.patch.object(space_to_depth, "input_grad",
                           wraps=space_to_depth.input_grad) as input_grad:
       jax.make_jaxpr(lambda x, k: _value_and_vjp(fn, x, k))(x, kernel)
-    self.assertEqual(conv.call_count, convs_on_squares)
+    blocks = [call.args[3] if len(call.args) > 3 else space_to_depth.SQUARES
+              for call in conv.call_args_list]
+    self.assertEqual(blocks.count(space_to_depth.SQUARES), convs_on_squares)
+    self.assertEqual(blocks.count(space_to_depth.PAIRS), convs_on_pairs)
     self.assertEqual(weight_grad.call_count, weight_grads_on_squares)
     self.assertEqual(input_grad.call_count, transposed_input_grads)
 

@@ -1,9 +1,12 @@
-"""Stride-1 convolutions on the 2x2 space-to-depth rearrangement of their input, and
-their input gradient as that form's transpose (see `evoprune.ops` for when they are used).
+"""Stride-1 convolutions on the space-to-depth rearrangement of their input (2x2 pixel
+squares, or 1x2 pixel pairs), and their input gradient as that form's transpose (see
+`evoprune.ops` for when they are used).
 
 A convolution with few channels on either side runs at a few GFLOP/s in Eigen's kernels
 (they block the feature axes by 8, the AVX2 lanes); on the input's 2x2 pixel squares it has
-4x the channels both ways, at the price of ~1.4x the multiply-adds.
+4x the channels both ways, at the price of ~1.4x the multiply-adds. With 8 to 16 channels
+Eigen runs at about half the rate it reaches with 32; on pixel pairs along the width
+(`PAIRS`) the channels double, at 4/3 the multiply-adds for a 3x3 kernel.
 """
 
 import functools
@@ -17,86 +20,98 @@ import numpy as np
 from evoprune.ops.backend import _materialized
 from evoprune.ops.patches import NHWC, output_size
 
-# Side of the pixel squares that `conv` turns into pixels.
-BLOCK = 2
+Block = tuple[int, int]
+# The pixel blocks (height, width) that become pixels: 2x2 squares, or pairs along the width.
+SQUARES: Block = (2, 2)
+PAIRS: Block = (1, 2)
 
 
-def square_taps(window: tuple[int, int]) -> list[int]:
-  """The kernel's extent in `BLOCK`-pixel squares: a window of k pixels starts anywhere
-  in a square, so it touches (k + block - 2) // block + 1 of them."""
-  return [(k + BLOCK - 2) // BLOCK + 1 for k in window]
+def square_taps(window: tuple[int, int], block: Block = SQUARES) -> list[int]:
+  """The kernel's extent in blocks: a window of k pixels starts anywhere in a block of b,
+  so it touches (k + b - 2) // b + 1 of them."""
+  return [(k + b - 2) // b + 1 for k, b in zip(window, block)]
 
 
-def to_squares(x: jax.Array, pads: Sequence[tuple[int, int]]) -> jax.Array:
+def to_squares(x: jax.Array, pads: Sequence[tuple[int, int]], block: Block = SQUARES
+               ) -> jax.Array:
   """x [B, H, W, C], padded (or cropped, where negative) by `pads` to multiples of
-  `BLOCK`: [B, H' / block, W' / block, block * block * C], channels in (p, q, c) order."""
-  b, c = x.shape[0], x.shape[-1]
+  `block` (bh, bw): [B, H' / bh, W' / bw, bh * bw * C], channels in (p, q, c) order."""
+  (b, c), (bh, bw) = (x.shape[0], x.shape[-1]), block
   zero = jnp.zeros((), x.dtype)
   x = lax.pad(x, zero, ((0, 0, 0), (*pads[0], 0), (*pads[1], 0), (0, 0, 0)))
-  hs, ws = x.shape[1] // BLOCK, x.shape[2] // BLOCK
-  x = x.reshape(b, hs, BLOCK, ws, BLOCK, c).transpose(0, 1, 3, 2, 4, 5)
-  return x.reshape(b, hs, ws, BLOCK * BLOCK * c)
+  hs, ws = x.shape[1] // bh, x.shape[2] // bw
+  x = x.reshape(b, hs, bh, ws, bw, c).transpose(0, 1, 3, 2, 4, 5)
+  return x.reshape(b, hs, ws, bh * bw * c)
 
 
-def squared_kernel(kernel: jax.Array) -> jax.Array:
+def squared_kernel(kernel: jax.Array, block: Block = SQUARES) -> jax.Array:
   """kernel [kh, kw, C_in, C_out] for `to_squares` inputs and outputs: [taps_h, taps_w,
-  block^2 * C_in, block^2 * C_out], entry [U, V, (p, q, c), (r, s, o)] =
-  kernel[block*U + p - r, block*V + q - s, c, o] (zero outside the window). Linear."""
+  bh * bw * C_in, bh * bw * C_out], entry [U, V, (p, q, c), (r, s, o)] =
+  kernel[bh*U + p - r, bw*V + q - s, c, o] (zero outside the window). Linear."""
   kh, kw, c_in, c_out = kernel.shape
-  block = BLOCK
-  taps = square_taps((kh, kw))
-  padded = jnp.pad(kernel, ((block - 1, block * taps[0] - kh), (block - 1, block * taps[1] - kw),
+  (bh, bw), taps = block, square_taps((kh, kw), block)
+  padded = jnp.pad(kernel, ((bh - 1, bh * taps[0] - kh), (bw - 1, bw * taps[1] - kw),
                             (0, 0), (0, 0)))
-  offsets = np.arange(block)[:, None] - np.arange(block)[None, :] + block - 1  # [p, r]
-  rows = block * np.arange(taps[0])[:, None, None] + offsets                   # [U, p, r]
-  cols = block * np.arange(taps[1])[:, None, None] + offsets                   # [V, q, s]
+  # Index into `padded` of kernel row bh*U + p - r ([U, p, r]), and of the columns alike.
+  rows = bh * np.arange(taps[0])[:, None, None] + _offsets(bh)
+  cols = bw * np.arange(taps[1])[:, None, None] + _offsets(bw)
   squared = padded[rows[:, None, :, None, :, None], cols[None, :, None, :, None, :]]
   return squared.transpose(0, 1, 2, 3, 6, 4, 5, 7).reshape(
-      *taps, block * block * c_in, block * block * c_out)
+      *taps, bh * bw * c_in, bh * bw * c_out)
+
+
+def _offsets(b: int) -> np.ndarray:
+  """[p, r] -> p - r + b - 1: the kernel offset of input pixel p for output pixel r of a
+  block, shifted by the b - 1 rows (columns) of zeros `squared_kernel` pads in front."""
+  return np.arange(b)[:, None] - np.arange(b)[None, :] + b - 1
 
 
 def input_squares(x: jax.Array, window: tuple[int, int],
-                  padding: tuple[tuple[int, int], ...]) -> tuple[jax.Array, list[int]]:
-  """x as the squares a stride-1 convolution reads: (`to_squares` input, output squares)."""
-  taps = square_taps(window)
-  squares = [-(-n // BLOCK) for n in output_size(x.shape, window, (1, 1), padding)]
-  pads = [(lo, BLOCK * (s + t - 1) - size - lo)
-          for (lo, _), s, t, size in zip(padding, squares, taps, x.shape[1:3])]
-  return to_squares(x, pads), squares
+                  padding: tuple[tuple[int, int], ...], block: Block = SQUARES
+                  ) -> tuple[jax.Array, list[int]]:
+  """x as the blocks a stride-1 convolution reads: (`to_squares` input, output blocks)."""
+  taps = square_taps(window, block)
+  squares = [-(-n // b) for n, b in zip(output_size(x.shape, window, (1, 1), padding), block)]
+  pads = [(lo, b * (s + t - 1) - size - lo)
+          for (lo, _), s, t, size, b in zip(padding, squares, taps, x.shape[1:3], block)]
+  return to_squares(x, pads, block), squares
 
 
 def output_squares(y: jax.Array) -> jax.Array:
   """A convolution's output (or its gradient) y [B, H', W', C] as the squares `conv`
   computes, zero-padded at the end to whole squares: [B, ceil(H' / 2), ceil(W' / 2), 4 C]."""
-  return to_squares(y, [(0, -n % BLOCK) for n in y.shape[1:3]])
+  return to_squares(y, [(0, -n % b) for n, b in zip(y.shape[1:3], SQUARES)])
 
 
-def conv(x: jax.Array, kernel: jax.Array, padding: tuple[tuple[int, int], ...]) -> jax.Array:
+def conv(x: jax.Array, kernel: jax.Array, padding: tuple[tuple[int, int], ...],
+         block: Block = SQUARES) -> jax.Array:
   """Stride-1 convolution of x as one on its space-to-depth rearrangement.
 
-  x's 2x2 pixel squares become pixels with 4 * C_in channels, each output square one pixel
-  with 4 * C_out channels, and the kernel the matching `squared_kernel`: ~1.4x the
-  multiply-adds (3x3 -> 2x2 taps of 4x the channels both ways: 16/9; 5x5 -> 3x3: 36/25),
-  but channel counts that Eigen handles well (see `convolution._prefers_space_to_depth`).
-  Inside `lax.scan`, batch 128, 2-core AMD EPYC, ms, XLA's convolution -> this: 3->6 5x5
-  VALID at 32x32 (LeNet-5) 12.5 -> 2.5, its 16->6 5x5 input gradient at 14x14 10.9 -> 4.7,
-  3->16 3x3 SAME at 32x32 (ResNet-20) 10.9 -> 4.0.
+  x's pixel blocks (`SQUARES`: 2x2; `PAIRS`: 1x2) become pixels with bh * bw * C_in
+  channels, each output block one pixel with bh * bw * C_out channels, and the kernel the
+  matching `squared_kernel`: more multiply-adds (squares: 3x3 -> 2x2 taps of 4x the
+  channels both ways, 16/9; 5x5 -> 3x3, 36/25; pairs: 3x3 -> 3x2 taps of 2x the channels,
+  4/3), but channel counts that Eigen handles well (see `convolution._stride1_conv`).
+  Inside `lax.scan`, batch 128, 2-core AMD EPYC, ms, XLA's convolution -> this: on squares
+  3->6 5x5 VALID at 32x32 (LeNet-5) 12.5 -> 2.5, its 16->6 5x5 input gradient at 14x14
+  10.9 -> 4.7, 3->16 3x3 SAME at 32x32 (ResNet-20) 10.9 -> 4.0.
 
   Args:
     x: [B, H, W, C_in].
     kernel: [kh, kw, C_in, C_out].
     padding: ((lo, hi), (lo, hi)); negative entries crop.
+    block: `SQUARES` or `PAIRS` (any (bh, bw) works).
 
   Returns:
     [B, H', W', C_out], as `lax.conv_general_dilated` with stride 1.
   """
-  c_out = kernel.shape[-1]
+  (bh, bw), c_out = block, kernel.shape[-1]
   ho, wo = output_size(x.shape, kernel.shape[:2], (1, 1), padding)
-  xs, squares = input_squares(x, kernel.shape[:2], padding)
-  y = lax.conv_general_dilated(xs, squared_kernel(kernel), (1, 1), "VALID",
+  xs, squares = input_squares(x, kernel.shape[:2], padding, block)
+  y = lax.conv_general_dilated(xs, squared_kernel(kernel, block), (1, 1), "VALID",
                                dimension_numbers=NHWC)
-  y = y.reshape(x.shape[0], *squares, BLOCK, BLOCK, c_out).transpose(0, 1, 3, 2, 4, 5)
-  return y.reshape(x.shape[0], BLOCK * squares[0], BLOCK * squares[1], c_out)[:, :ho, :wo]
+  y = y.reshape(x.shape[0], *squares, bh, bw, c_out).transpose(0, 1, 3, 2, 4, 5)
+  return y.reshape(x.shape[0], bh * squares[0], bw * squares[1], c_out)[:, :ho, :wo]
 
 
 def input_grad(g: jax.Array, kernel: jax.Array, x_shape: Sequence[int],
