@@ -200,12 +200,17 @@ class ConvTest(parameterized.TestCase):
       self.assertEqual(chunks(7, 5000), 7)  # bigger than a chunk: one each
       self.assertEqual(chunks(7, 10), 1)
 
-  def test_vmap_over_a_seed_axis(self):
-    x, kernel = _random((3, 2, 6, 6, 4), 4), _random((3, 3, 3, 4, 5), 5)
-    conv = lambda x, k: ops.conv(x, k, padding="SAME", impl="cpu")
+  @parameterized.named_parameters(
+      ("squares", (3, 2, 6, 6, 4), (3, 3, 3, 4, 5), (1, 1)),
+      ("pixel_pairs", (3, 2, 6, 7, 12), (3, 3, 3, 12, 10), (1, 1)),
+      ("strided", (3, 2, 7, 8, 8), (3, 3, 3, 8, 12), (2, 2)),
+  )
+  def test_vmap_over_a_seed_axis(self, x_shape, k_shape, strides):
+    x, kernel = _random(x_shape, 4), _random(k_shape, 5)
+    conv = lambda x, k: ops.conv(x, k, strides, padding="SAME", impl="cpu")
     loss = lambda x, k: jnp.sum(jnp.sin(jax.vmap(conv)(x, k)))
     ref = lambda x, k: jnp.sum(jnp.sin(jax.vmap(
-        lambda x, k: _reference_conv(x, k, (1, 1), "SAME", 1))(x, k)))
+        lambda x, k: _reference_conv(x, k, strides, "SAME", 1))(x, k)))
     for a, b in zip(jax.grad(loss, (0, 1))(x, kernel), jax.grad(ref, (0, 1))(x, kernel)):
       _assert_close(self, a, b)
 
