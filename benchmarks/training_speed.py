@@ -10,8 +10,8 @@ For LeNet-300-100 (MNIST-shaped), LeNet-5, the thesis CNN, ResNet-20 and MobileN
 train step (`evoprune.training.train_step`, run `STEPS_PER_CALL` steps per compiled call of
 `training.make_train_epoch`, as `fit` runs it) and an equivalent PyTorch eager step
 (`zero_grad`, forward, `backward`, `step`; NCHW, the default thread count; on the GPU when
-JAX runs on one and PyTorch sees CUDA), measured in the same process in alternating blocks of steps, so both see the same load on a shared machine
-(see `measure`). Each figure is the median per step after warm-up; `jax_over_torch` is the
+JAX runs on one and PyTorch sees CUDA), measured in the same process in alternating blocks
+of steps, so both see the same load on a shared machine (see `measure`). Each figure is the median per step after warm-up; `jax_over_torch` is the
 ratio of the medians. PyTorch is optional (`pip install torch`); without it the comparison
 is skipped with a line saying so, and `torch_ms` and `jax_over_torch` are null.
 

@@ -114,7 +114,8 @@ def compiler_options(backend: str | None = None) -> dict[str, str]:
   (`use('xla')`, `EVOPRUNE_OPS=xla`), and where the installed jaxlib does not know the
   option.
   """
-  if _staged(backend) != "cpu" or (backend or jax.default_backend()) != "cpu":
+  backend = backend or jax.default_backend()
+  if backend != "cpu" or _staged(backend) != "cpu":
     return {}
   return dict(_CPU_COMPILER_OPTIONS) if _cpu_options_supported() else {}
 

@@ -44,6 +44,14 @@ def to_squares(x: jax.Array, pads: Sequence[tuple[int, int]], block: Block = SQU
   return x.reshape(b, hs, ws, bh * bw * c)
 
 
+def from_squares(y: jax.Array, block: Block = SQUARES) -> jax.Array:
+  """The inverse rearrangement of `to_squares` (without its padding): y [B, S, S',
+  bh * bw * C], channels in (p, q, c) order -> [B, bh * S, bw * S', C]."""
+  (b, hs, ws, c), (bh, bw) = y.shape, block
+  y = y.reshape(b, hs, ws, bh, bw, c // (bh * bw)).transpose(0, 1, 3, 2, 4, 5)
+  return y.reshape(b, bh * hs, bw * ws, c // (bh * bw))
+
+
 def squared_kernel(kernel: jax.Array, block: Block = SQUARES) -> jax.Array:
   """kernel [kh, kw, C_in, C_out] for `to_squares` inputs and outputs: [taps_h, taps_w,
   bh * bw * C_in, bh * bw * C_out], entry [U, V, (p, q, c), (r, s, o)] =
@@ -67,14 +75,14 @@ def _offsets(b: int) -> np.ndarray:
 
 
 def input_squares(x: jax.Array, window: tuple[int, int],
-                  padding: tuple[tuple[int, int], ...], block: Block = SQUARES
-                  ) -> tuple[jax.Array, list[int]]:
-  """x as the blocks a stride-1 convolution reads: (`to_squares` input, output blocks)."""
+                  padding: tuple[tuple[int, int], ...], block: Block = SQUARES) -> jax.Array:
+  """x as the blocks a stride-1 convolution reads (`to_squares`), padded to cover every
+  output block the window touches."""
   taps = square_taps(window, block)
   squares = [-(-n // b) for n, b in zip(output_size(x.shape, window, (1, 1), padding), block)]
   pads = [(lo, b * (s + t - 1) - size - lo)
           for (lo, _), s, t, size, b in zip(padding, squares, taps, x.shape[1:3], block)]
-  return to_squares(x, pads, block), squares
+  return to_squares(x, pads, block)
 
 
 def output_squares(y: jax.Array) -> jax.Array:
@@ -105,13 +113,11 @@ def conv(x: jax.Array, kernel: jax.Array, padding: tuple[tuple[int, int], ...],
   Returns:
     [B, H', W', C_out], as `lax.conv_general_dilated` with stride 1.
   """
-  (bh, bw), c_out = block, kernel.shape[-1]
   ho, wo = output_size(x.shape, kernel.shape[:2], (1, 1), padding)
-  xs, squares = input_squares(x, kernel.shape[:2], padding, block)
+  xs = input_squares(x, kernel.shape[:2], padding, block)
   y = lax.conv_general_dilated(xs, squared_kernel(kernel, block), (1, 1), "VALID",
                                dimension_numbers=NHWC)
-  y = y.reshape(x.shape[0], *squares, bh, bw, c_out).transpose(0, 1, 3, 2, 4, 5)
-  return y.reshape(x.shape[0], bh * squares[0], bw * squares[1], c_out)[:, :ho, :wo]
+  return from_squares(y, block)[:, :ho, :wo]
 
 
 def input_grad(g: jax.Array, kernel: jax.Array, x_shape: Sequence[int],
@@ -130,7 +136,7 @@ def input_grad(g: jax.Array, kernel: jax.Array, x_shape: Sequence[int],
   weights = squared.transpose(3, 0, 1, 2).reshape(c_out, taps_h * taps_w * c_in)
   products = lax.dot_general(gs, weights, (((3,), (0,)), ((), ())))
   dxs = _shifted_sum(products.reshape(*gs.shape[:3], taps_h, taps_w, c_in))
-  read_squares = lambda x: input_squares(x, kernel.shape[:2], padding)[0]
+  read_squares = lambda x: input_squares(x, kernel.shape[:2], padding)
   dx = jax.linear_transpose(read_squares, jax.ShapeDtypeStruct(x_shape, g.dtype))(dxs)[0]
   # In its own buffer: XLA fused the shifted sum into the max-pool and ReLU backward below
   # (LeNet-5), which read each value four times (train step 0.93 with, 1.0 without).
