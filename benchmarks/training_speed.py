@@ -35,9 +35,6 @@ null without its flag.
 """
 
 import json
-import os
-import platform
-import time
 from typing import Any, Callable
 
 from absl import app
@@ -49,6 +46,7 @@ import optax
 
 import evoprune as ep
 from evoprune import training
+from benchmarks.side_by_side import alternate, machine, torch_device
 
 _OUT = flags.DEFINE_string("out", "", "Write the results as JSON to this file.")
 _SMOKE = flags.DEFINE_bool("smoke", False, "Few repetitions (a quick check, not a measure).")
@@ -141,12 +139,6 @@ def torch_model(name: str) -> Any:
   raise ValueError(f"no PyTorch version of {name!r}; valid: {sorted(INPUT_SHAPES)}")
 
 
-def torch_device() -> str:
-  """Where the PyTorch step runs: the GPU when JAX runs on one and PyTorch sees CUDA."""
-  import torch  # pylint: disable=g-import-not-at-top
-  return "cuda" if jax.default_backend() == "gpu" and torch.cuda.is_available() else "cpu"
-
-
 def torch_step(name: str, x: np.ndarray, y: np.ndarray) -> Callable[[], None]:
   """One PyTorch eager SGD-momentum step on a fixed batch (NHWC numpy in, NCHW inside)."""
   import torch  # pylint: disable=g-import-not-at-top
@@ -196,17 +188,6 @@ def jax_step(name: str, x: np.ndarray, y: np.ndarray, steps: int = STEPS_PER_CAL
   return run
 
 
-def _timed_block(step: Callable[[], None], count: int) -> list[float]:
-  """Times `count` calls after one untimed call (which wakes the framework's threads)."""
-  step()
-  times = []
-  for _ in range(count):
-    start = time.perf_counter()
-    step()
-    times.append(time.perf_counter() - start)
-  return times
-
-
 def measure(name: str, rounds: int, block: int = 3, warmup: int = 2, plain: bool = False,
             cpu: bool = False) -> dict[str, Any]:
   """Median ms per step of both frameworks, the ratio of the medians (jax/torch), and the
@@ -214,10 +195,7 @@ def measure(name: str, rounds: int, block: int = 3, warmup: int = 2, plain: bool
   with the plain XLA ops (the CPU formulations) on every backend, `plain_ms` (`cpu_ms`), and
   its ratio to the default step, `plain_over_jax` (`cpu_over_jax`).
 
-  The two frameworks alternate in blocks of `block` steps, `rounds` times, with a pause
-  between blocks: both keep worker threads spinning for a while after each step (XLA's
-  Eigen pool, PyTorch's OpenMP team), and step-by-step interleaving made each framework's
-  spinning threads steal the cores from the other (PyTorch steps then varied 6x).
+  The two frameworks alternate in blocks of `block` steps, `rounds` times (`alternate`).
   """
   rng = np.random.default_rng(0)
   x = rng.normal(size=(BATCH_SIZE, *INPUT_SHAPES[name])).astype(np.float32)
@@ -231,17 +209,10 @@ def measure(name: str, rounds: int, block: int = 3, warmup: int = 2, plain: bool
     steps["torch"] = torch_step(name, x, y)
   except ImportError:
     pass
-  for step in steps.values():
-    for _ in range(warmup):
-      step()
-  times: dict[str, list[list[float]]] = {key: [] for key in steps}
-  for _ in range(rounds):  # alternating blocks: load changes hit both alike
-    for key, step in steps.items():
-      time.sleep(0.2)  # let the other framework's threads go idle
-      times[key].append(_timed_block(step, block))
-  # seconds per call -> ms per step
-  blocks = {key: (1e3 if key == "torch" else 1e3 / STEPS_PER_CALL) * np.asarray(t)
-            for key, t in times.items()}  # [rounds, block]
+  times = alternate(steps, rounds, block, warmup)
+  # seconds per call -> ms per step, [rounds, block]
+  blocks = {key: (1e3 if key == "torch" else 1e3 / STEPS_PER_CALL) * t
+            for key, t in times.items()}
   result = {"jax_ms": float(np.median(blocks["jax"])), "torch_ms": None,
             "jax_over_torch": None, "round_ratios": None, "impl": ep.ops.describe(),
             "plain_ms": None, "plain_over_jax": None, "cpu_ms": None, "cpu_over_jax": None}
@@ -256,37 +227,6 @@ def measure(name: str, rounds: int, block: int = 3, warmup: int = 2, plain: bool
     result["round_ratios"] = (np.median(blocks["jax"], 1) /
                               np.median(blocks["torch"], 1)).round(4).tolist()
   return result
-
-
-def machine() -> str:
-  """One line: CPU model and widest vector extension, usable cores, JAX and (if present)
-  PyTorch versions. The ratio depends on the extension: on AVX-512 machines of the same
-  kind PyTorch's oneDNN kernels gained more than XLA's Eigen ones (see the README)."""
-  model, flags = platform.processor() or platform.machine(), set()
-  try:
-    with open("/proc/cpuinfo", encoding="utf-8") as f:
-      first_cpu = f.read().split("\n\n")[0].splitlines()
-    info = {key.strip(): value.strip()
-            for key, value in (line.split(":", 1) for line in first_cpu if ":" in line)}
-    model = info.get("model name", model)
-    flags = set(info.get("flags", "").split())
-  except OSError:
-    pass
-  simd = next((name for flag, name in (("avx512f", "AVX-512"), ("avx2", "AVX2"))
-               if flag in flags), "")
-  cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
-  backend = jax.default_backend()
-  if backend != "cpu":
-    backend += f": {jax.devices()[0].device_kind}"
-  line = (f"{model}{f' ({simd})' if simd else ''}, {cores} usable cores, "
-          f"jax {jax.__version__} ({backend})")
-  try:
-    import torch  # pylint: disable=g-import-not-at-top
-  except ImportError:
-    return line
-  where = torch_device()
-  where = f"{torch.get_num_threads()} threads" if where == "cpu" else where
-  return line + f", PyTorch {torch.__version__} ({where})"
 
 
 def main(argv):

@@ -1,0 +1,82 @@
+"""Timing two frameworks side by side on a shared machine, and naming the machine.
+
+Used by `training_speed` (whole train steps) and `conv_speed` (single convolution passes).
+"""
+
+import os
+import platform
+import time
+from typing import Callable
+
+import jax
+import numpy as np
+
+
+def torch_device() -> str:
+  """Where the PyTorch step runs: the GPU when JAX runs on one and PyTorch sees CUDA."""
+  import torch  # pylint: disable=g-import-not-at-top
+  return "cuda" if jax.default_backend() == "gpu" and torch.cuda.is_available() else "cpu"
+
+
+def timed_block(step: Callable[[], None], count: int) -> list[float]:
+  """Times `count` calls after one untimed call (which wakes the framework's threads)."""
+  step()
+  times = []
+  for _ in range(count):
+    start = time.perf_counter()
+    step()
+    times.append(time.perf_counter() - start)
+  return times
+
+
+def alternate(steps: dict[str, Callable[[], None]], rounds: int, block: int = 3,
+              warmup: int = 2) -> dict[str, np.ndarray]:
+  """Seconds per call of each of `steps`, timed in alternating blocks: [rounds, block].
+
+  Each callable runs `warmup` times first; then, `rounds` times, each runs one block of
+  `block` timed calls after a pause and an untimed call. Alternating blocks let load
+  changes on a shared machine hit every callable alike; the pause lets the previous one's
+  worker threads go idle (XLA's Eigen pool and PyTorch's OpenMP team keep spinning for a
+  while after each call, and step-by-step interleaving made each steal the cores from the
+  other: PyTorch steps then varied 6x).
+  """
+  for step in steps.values():
+    for _ in range(warmup):
+      step()
+  times: dict[str, list[list[float]]] = {key: [] for key in steps}
+  for _ in range(rounds):
+    for key, step in steps.items():
+      time.sleep(0.2)
+      times[key].append(timed_block(step, block))
+  return {key: np.asarray(t) for key, t in times.items()}
+
+
+def machine() -> str:
+  """One line: CPU model and widest vector extension, usable cores, JAX and (if present)
+  PyTorch versions. The ratio depends on the extension: on AVX-512 machines of the same
+  kind PyTorch's oneDNN kernels gained more than XLA's Eigen ones (see the README)."""
+  model, cpu_flags = platform.processor() or platform.machine(), set()
+  try:
+    with open("/proc/cpuinfo", encoding="utf-8") as f:
+      first_cpu = f.read().split("\n\n")[0].splitlines()
+    info = {key.strip(): value.strip()
+            for key, value in (line.split(":", 1) for line in first_cpu if ":" in line)}
+    model = info.get("model name", model)
+    cpu_flags = set(info.get("flags", "").split())
+  except OSError:
+    pass
+  simd = next((name for flag, name in (("avx512f", "AVX-512"), ("avx2", "AVX2"))
+               if flag in cpu_flags), "")
+  cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+  backend = jax.default_backend()
+  if backend != "cpu":
+    backend += f": {jax.devices()[0].device_kind}"
+  line = (f"{model}{f' ({simd})' if simd else ''}, {cores} usable cores, "
+          f"jax {jax.__version__} ({backend})")
+  try:
+    import torch  # pylint: disable=g-import-not-at-top
+  except ImportError:
+    return line
+  where = torch_device()
+  where = f"{torch.get_num_threads()} threads" if where == "cpu" else where
+  return line + f", PyTorch {torch.__version__} ({where})"
