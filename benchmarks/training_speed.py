@@ -49,7 +49,8 @@ from evoprune import training
 from benchmarks.side_by_side import alternate, machine, torch_device
 
 _OUT = flags.DEFINE_string("out", "", "Write the results as JSON to this file.")
-_SMOKE = flags.DEFINE_bool("smoke", False, "Few repetitions (a quick check, not a measure).")
+_SMOKE = flags.DEFINE_bool(
+    "smoke", False, "Few repetitions of 2-step calls (a quick check, not a measure).")
 _MODELS = flags.DEFINE_list(
     "models", ["lenet300_100", "lenet5", "thesis_cnn", "resnet20", "mobilenet"],
     "Models to measure.")
@@ -193,29 +194,30 @@ def jax_step(name: str, x: np.ndarray, y: np.ndarray, steps: int = STEPS_PER_CAL
 
 
 def measure(name: str, rounds: int, block: int = 3, warmup: int = 2, plain: bool = False,
-            cpu: bool = False) -> dict[str, Any]:
+            cpu: bool = False, steps_per_call: int = STEPS_PER_CALL) -> dict[str, Any]:
   """Median ms per step of both frameworks, the ratio of the medians (jax/torch), and the
   ratio of each round's medians (its spread); with `plain` (`cpu`), also evoprune's step
   with the plain XLA ops (the CPU formulations) on every backend, `plain_ms` (`cpu_ms`), and
   its ratio to the default step, `plain_over_jax` (`cpu_over_jax`).
 
-  The two frameworks alternate in blocks of `block` steps, `rounds` times (`alternate`).
+  The two frameworks alternate in blocks of `block` calls, `rounds` times (`alternate`);
+  evoprune's calls run `steps_per_call` steps each.
   """
   rng = np.random.default_rng(0)
   x = rng.normal(size=(BATCH_SIZE, *INPUT_SHAPES[name])).astype(np.float32)
   y = rng.integers(0, 10, BATCH_SIZE).astype(np.int32)
-  steps = {"jax": jax_step(name, x, y)}
+  steps = {"jax": jax_step(name, x, y, steps_per_call)}
   if plain:
-    steps["plain"] = jax_step(name, x, y, ops="xla")
+    steps["plain"] = jax_step(name, x, y, steps_per_call, ops="xla")
   if cpu:
-    steps["cpu"] = jax_step(name, x, y, ops="cpu")
+    steps["cpu"] = jax_step(name, x, y, steps_per_call, ops="cpu")
   try:
     steps["torch"] = torch_step(name, x, y)
   except ImportError:
     pass
   times = alternate(steps, rounds, block, warmup)
   # seconds per call -> ms per step, [rounds, block]
-  blocks = {key: (1e3 if key == "torch" else 1e3 / STEPS_PER_CALL) * t
+  blocks = {key: (1e3 if key == "torch" else 1e3 / steps_per_call) * t
             for key, t in times.items()}
   result = {"jax_ms": float(np.median(blocks["jax"])), "torch_ms": None,
             "jax_over_torch": None, "round_ratios": None, "impl": ep.ops.describe(),
@@ -249,6 +251,7 @@ def main(argv):
   print(f"{'model':<14} {'jax ms':>9} {'torch ms':>9} {'jax/torch':>10}{columns}  per round")
   for name in _MODELS.value:
     r = measure(name, rounds, block=1 if _SMOKE.value else 3, warmup=1 if _SMOKE.value else 2,
+                steps_per_call=2 if _SMOKE.value else STEPS_PER_CALL,
                 plain=_PLAIN_OPS.value, cpu=_CPU_OPS.value)
     results[name] = r
     torch_ms = "-" if r["torch_ms"] is None else f"{r['torch_ms']:.2f}"
