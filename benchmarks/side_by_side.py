@@ -6,7 +6,7 @@ Used by `training_speed` (whole train steps) and `conv_speed` (single convolutio
 import os
 import platform
 import time
-from typing import Callable
+from collections.abc import Callable, Hashable
 
 import jax
 import numpy as np
@@ -29,8 +29,8 @@ def timed_block(step: Callable[[], None], count: int) -> list[float]:
   return times
 
 
-def alternate(steps: dict[str, Callable[[], None]], rounds: int, block: int = 3,
-              warmup: int = 2) -> dict[str, np.ndarray]:
+def alternate(steps: dict[Hashable, Callable[[], None]], rounds: int, block: int = 3,
+              warmup: int = 2) -> dict[Hashable, np.ndarray]:
   """Seconds per call of each of `steps`, timed in alternating blocks: [rounds, block].
 
   Each callable runs `warmup` times first; then, `rounds` times, each runs one block of
@@ -43,7 +43,7 @@ def alternate(steps: dict[str, Callable[[], None]], rounds: int, block: int = 3,
   for step in steps.values():
     for _ in range(warmup):
       step()
-  times: dict[str, list[list[float]]] = {key: [] for key in steps}
+  times: dict[Hashable, list[list[float]]] = {key: [] for key in steps}
   for _ in range(rounds):
     for key, step in steps.items():
       time.sleep(0.2)
