@@ -32,8 +32,9 @@ The formulations:
     to YNNPACK or Eigen) and, with stride 1, state the weight gradient as a forward
     convolution in canonical layout (batch as the contracted feature axis), which Eigen
     runs without patches where XLA's own form runs as a naive loop inside `lax.scan`
-    (`_weight_grad_conv`); the backward pass reads the layer input from its own buffer
-    (`_materialized`) instead of recomputing batch norm, ReLU and residual sums there
+    (`_weight_grad_conv`); in training, the layer input is computed into its own buffer
+    (`_materialized`), read by the forward pass's padded copies and the backward pass,
+    instead of recomputing batch norm, ReLU and residual sums in each of them
     (`materialize` does the same for a model's values with several consumers);
     Strided convolutions compute the weight gradient as im2col matmuls summed over
     small batch chunks with `lax.scan`, each chunk's patch matrix built channel-major
