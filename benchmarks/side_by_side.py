@@ -11,6 +11,9 @@ from collections.abc import Callable, Hashable
 import jax
 import numpy as np
 
+# Batch size of every timed step and pass.
+BATCH_SIZE = 128
+
 
 def torch_device() -> str:
   """Where the PyTorch step runs: the GPU when JAX runs on one and PyTorch sees CUDA."""

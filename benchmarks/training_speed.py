@@ -11,9 +11,10 @@ train step (`evoprune.training.train_step`, run `STEPS_PER_CALL` steps per compi
 `training.make_train_epoch`, as `fit` runs it) and an equivalent PyTorch eager step
 (`zero_grad`, forward, `backward`, `step`; NCHW, the default thread count; on the GPU when
 JAX runs on one and PyTorch sees CUDA), measured in the same process in alternating blocks
-of steps, so both see the same load on a shared machine (see `measure`). Each figure is the median per step after warm-up; `jax_over_torch` is the
-ratio of the medians. PyTorch is optional (`pip install torch`); without it the comparison
-is skipped with a line saying so, and `torch_ms` and `jax_over_torch` are null.
+of steps, so both see the same load on a shared machine (see `measure`). Each figure is
+the median per step after warm-up; `jax_over_torch` is the ratio of the medians. PyTorch
+is optional (`pip install torch`); without it the comparison is skipped with a line saying
+so, and `torch_ms` and `jax_over_torch` are null.
 
 On a machine shared with other (niced) processes, prefer the one-core comparison: XLA's
 worker threads, which sleep between tasks, are woken on the core of the thread that woke
@@ -46,7 +47,7 @@ import optax
 
 import evoprune as ep
 from evoprune import training
-from benchmarks.side_by_side import alternate, machine, torch_device
+from benchmarks.side_by_side import BATCH_SIZE, alternate, machine, torch_device
 
 _OUT = flags.DEFINE_string("out", "", "Write the results as JSON to this file.")
 _SMOKE = flags.DEFINE_bool(
@@ -72,7 +73,6 @@ INPUT_SHAPES = {"lenet300_100": (28, 28, 1), "lenet5": (32, 32, 3),
 flags.register_validator(
     "models", lambda names: set(names) <= INPUT_SHAPES.keys(),
     f"--models names models from {sorted(INPUT_SHAPES)}, comma-separated.")
-BATCH_SIZE = 128
 # evoprune's steps run in compiled calls of this many steps (`fit` runs a whole epoch per
 # call, e.g. 390 steps of CIFAR-10 at batch 128); PyTorch's run one per call, as in its
 # training loops. Each call also pays once for what an epoch pays once: on CPU, XLA maps the

@@ -49,11 +49,11 @@ The formulations:
     weight gradients with fewer than 8 output channels. The other stride-1 convolutions
     with at most 16 channels on both sides (ResNet-20's first stage) run on pixel pairs
     along the width, 2x the channels for 4/3 the multiply-adds of a 3x3 kernel, where
-    Eigen ran at half its 32-channel rate (ResNet-20 step 0.925 on an AVX-512 EPYC). Input gradients of stride-1
-    convolutions with fewer than 4 input channels, or fewer than 8 in and at least 16
-    out, are that form's transpose written out: one matmul of the output gradient's
-    squares with all taps of the rearranged kernel, then each tap's product added in at
-    its offset (col2im on squares), read by the layer below from its own buffer; as a
+    Eigen ran at half its 32-channel rate (ResNet-20 step 0.925 on an AVX-512 EPYC).
+    Input gradients of stride-1 convolutions with fewer than 4 input channels, or fewer
+    than 8 in and at least 16 out, are that form's transpose written out: one matmul of
+    the output gradient's squares with all taps of the rearranged kernel, then each tap's
+    product added in at its offset (col2im on squares), read by the layer below from its own buffer; as a
     convolution of the zero-padded output gradient they multiply the padding too
     (LeNet-5's 6->16 5x5 input gradient 5.1 -> 2.6 ms, train step 0.93). Strided
     convolutions of RGB inputs run as chunked im2col matmuls;

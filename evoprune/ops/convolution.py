@@ -205,9 +205,10 @@ def _channel_major_chunks(x: jax.Array, window: tuple[int, int], strides: tuple[
 
 def _dense_fwd(x, kernel, strides, padding):
   # x in its own buffer, read by this pass and the backward pass alike. The backward pass
-  # needs it there anyway (see `_dense_bwd`); read from it, the forward pass's padded pixel
-  # pairs and squares are a copy, where XLA fused batch norm and ReLU into them and computed
-  # those twice (ResNet-20, one core: the pads 22 -> 10 ms a step).
+  # needs it there (else the weight gradient's transposes recompute batch norm, ReLU and
+  # residual sums, see `_materialized`); read from it, the forward pass's padded pixel pairs
+  # and squares are a copy, where XLA fused batch norm and ReLU into them and computed those
+  # twice (ResNet-20, one core: the pads 18-24 -> 8-13 ms a step).
   x = _materialized(x)
   if x.shape[-1] >= _SMALL_C_IN or strides == (1, 1):
     return _dense(x, kernel, strides, padding), (x, None, kernel)
@@ -274,8 +275,9 @@ def _strided_input_grad(g: jax.Array, kernel: jax.Array, x_shape: tuple[int, ...
 
 def _dense_bwd(strides, padding, residuals, g):
   x, xt, kernel = residuals  # x from its own buffer (`_dense_fwd`)
-  # g too: otherwise the batch norm backward that produces it is fused into (recomputed in
-  # transposed loop order by) the weight gradient's transpose of g, 30 ms each in ResNet-20.
+  # g in its own buffer too: otherwise the batch norm backward that produces it is fused into
+  # (recomputed in transposed loop order by) the weight gradient's transpose of g, 30 ms each
+  # in ResNet-20.
   g = _materialized(g)
   dx = _input_grad(g, kernel, x.shape, strides, padding)
   if strides == (1, 1):
