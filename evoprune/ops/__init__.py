@@ -53,9 +53,9 @@ The formulations:
     Input gradients of stride-1 convolutions with fewer than 4 input channels, or fewer
     than 8 in and at least 16 out, are that form's transpose written out: one matmul of
     the output gradient's squares with all taps of the rearranged kernel, then each tap's
-    product added in at its offset (col2im on squares), read by the layer below from its own buffer; as a
-    convolution of the zero-padded output gradient they multiply the padding too
-    (LeNet-5's 6->16 5x5 input gradient 5.1 -> 2.6 ms, train step 0.93). Strided
+    product added in at its offset (col2im on squares), read by the layer below from its
+    own buffer; as a convolution of the zero-padded output gradient they multiply the
+    padding too (LeNet-5's 6->16 5x5 input gradient 5.1 -> 2.6 ms, train step 0.93). Strided
     convolutions of RGB inputs run as chunked im2col matmuls;
   - 1x1 convolutions are matmuls, the weight gradient again summed over batch chunks;
   - depthwise convolutions are sums of kh*kw shifted, channel-scaled views of the input
