@@ -1,6 +1,7 @@
 """Timing two frameworks side by side on a shared machine, and naming the machine.
 
-Used by `training_speed` (whole train steps) and `conv_speed` (single convolution passes).
+Used by `training_speed` (whole train steps), `conv_speed` (single convolution passes)
+and `step_profile` (one step's operations).
 """
 
 import os
@@ -13,6 +14,10 @@ import numpy as np
 
 # Batch size of every timed step and pass.
 BATCH_SIZE = 128
+# Input shape of one example of each model the train-step benchmarks run (MNIST- or
+# CIFAR-shaped).
+INPUT_SHAPES = {"lenet300_100": (28, 28, 1), "lenet5": (32, 32, 3),
+                "thesis_cnn": (32, 32, 3), "resnet20": (32, 32, 3), "mobilenet": (32, 32, 3)}
 
 
 def torch_device() -> str:

@@ -47,7 +47,7 @@ import optax
 
 import evoprune as ep
 from evoprune import training
-from benchmarks.side_by_side import BATCH_SIZE, alternate, machine, torch_device
+from benchmarks.side_by_side import BATCH_SIZE, INPUT_SHAPES, alternate, machine, torch_device
 
 _OUT = flags.DEFINE_string("out", "", "Write the results as JSON to this file.")
 _SMOKE = flags.DEFINE_bool(
@@ -68,8 +68,6 @@ _CPU_OPS = flags.DEFINE_bool(
     "EVOPRUNE_OPS=cpu), in the same rounds: on a GPU or TPU, whether the plain XLA ops that "
     "evoprune stages there are the faster (on CPU it is the default step again).")
 
-INPUT_SHAPES = {"lenet300_100": (28, 28, 1), "lenet5": (32, 32, 3),
-                "thesis_cnn": (32, 32, 3), "resnet20": (32, 32, 3), "mobilenet": (32, 32, 3)}
 flags.register_validator(
     "models", lambda names: set(names) <= INPUT_SHAPES.keys(),
     f"--models names models from {sorted(INPUT_SHAPES)}, comma-separated.")
