@@ -1,4 +1,5 @@
-"""Timing two frameworks side by side on a shared machine, and naming the machine.
+"""Timing two frameworks side by side on a shared machine, naming the machine, and the
+evoprune train programs the benchmarks time.
 
 Used by `training_speed` (whole train steps), `conv_speed` (single convolution passes)
 and `step_profile` (one step's operations).
@@ -8,9 +9,15 @@ import os
 import platform
 import time
 from collections.abc import Callable, Hashable
+from typing import Any
 
 import jax
+import jax.numpy as jnp
 import numpy as np
+import optax
+
+import evoprune as ep
+from evoprune import training
 
 # Batch size of every timed step and pass.
 BATCH_SIZE = 128
@@ -18,6 +25,29 @@ BATCH_SIZE = 128
 # CIFAR-shaped).
 INPUT_SHAPES = {"lenet300_100": (28, 28, 1), "lenet5": (32, 32, 3),
                 "thesis_cnn": (32, 32, 3), "resnet20": (32, 32, 3), "mobilenet": (32, 32, 3)}
+
+
+def example_batch(name: str) -> tuple[np.ndarray, np.ndarray]:
+  """A fixed random batch for model `name`: x [BATCH_SIZE, *INPUT_SHAPES[name]] float32,
+  labels y [BATCH_SIZE] int32 in [0, 10)."""
+  rng = np.random.default_rng(0)
+  x = rng.normal(size=(BATCH_SIZE, *INPUT_SHAPES[name])).astype(np.float32)
+  return x, rng.integers(0, 10, BATCH_SIZE).astype(np.int32)
+
+
+def train_epoch(name: str, x: np.ndarray, y: np.ndarray, steps: int, ops: str = "auto"
+                ) -> tuple[Any, tuple[Any, ...]]:
+  """evoprune's compiled `training.make_train_epoch` for model `name` (SGD with momentum 0.9)
+  and its arguments `(state, x, y, batch_indices)`: `steps` steps on the batch x, y, as
+  `fit` runs them (state donated). Made within `ep.ops.use(ops)`."""
+  model = ep.models.create(name, num_classes=10)
+  x, y = jnp.asarray(x), jnp.asarray(y)
+  tx = optax.sgd(0.01, momentum=0.9)
+  batches = jnp.tile(jnp.arange(x.shape[0])[None], (steps, 1))
+  with ep.ops.use(ops):
+    state = training.create_train_state(model, tx, jax.random.key(0), x[:1])
+    epoch = training.make_train_epoch(model, tx)
+  return epoch, (state, x, y, batches)
 
 
 def torch_device() -> str:

@@ -38,15 +38,11 @@ from typing import Any
 from absl import app
 from absl import flags
 import jax
-import jax.numpy as jnp
-import numpy as np
-import optax
 
 import evoprune as ep
-from evoprune import training
-from benchmarks.side_by_side import BATCH_SIZE, INPUT_SHAPES, machine
+from benchmarks import side_by_side
 
-_MODEL = flags.DEFINE_enum("model", "resnet20", sorted(INPUT_SHAPES), "Model to profile.")
+_MODEL = flags.DEFINE_enum("model", "resnet20", sorted(side_by_side.INPUT_SHAPES), "Model to profile.")
 _STEPS = flags.DEFINE_integer("steps", 4, "Train steps per compiled call.", lower_bound=2)
 _TOP = flags.DEFINE_integer("top", 30, "Print this many groups, the largest first.")
 _OUT = flags.DEFINE_string("out", "", "Write the results as JSON to this file.")
@@ -99,15 +95,10 @@ def op_intervals(events: list[dict[str, Any]], names: set[str]) -> list[tuple[st
 
 def profile(name: str, steps: int) -> dict[str, Any]:
   """Traces one call of `steps` train steps of model `name`; the documented JSON."""
-  model = ep.models.create(name, num_classes=10)
-  rng = np.random.default_rng(0)
-  x = jnp.asarray(rng.normal(size=(BATCH_SIZE, *INPUT_SHAPES[name])).astype(np.float32))
-  y = jnp.asarray(rng.integers(0, 10, BATCH_SIZE).astype(np.int32))
-  batches = jnp.tile(jnp.arange(BATCH_SIZE)[None], (steps, 1))
-  tx = optax.sgd(0.01, momentum=0.9)
-  state = training.create_train_state(model, tx, jax.random.key(0), x[:1])
+  epoch, (state, x, y, batches) = side_by_side.train_epoch(
+      name, *side_by_side.example_batch(name), steps)
   # The compiled program itself runs, so the trace names the instructions of its text.
-  epoch = training.make_train_epoch(model, tx).lower(state, x, y, batches).compile()
+  epoch = epoch.lower(state, x, y, batches).compile()
   table = instructions(epoch.as_text())
   for _ in range(2):
     state, metrics = epoch(state, x, y, batches)
@@ -141,7 +132,7 @@ def profile(name: str, steps: int) -> dict[str, Any]:
 
 def main(argv):
   del argv
-  print(machine())
+  print(side_by_side.machine())
   print(f"evoprune ops: {ep.ops.describe()}; XLA_FLAGS={os.environ.get('XLA_FLAGS', '')!r}")
   result = profile(_MODEL.value, _STEPS.value)
   print(f"{result['model']}: {result['step_ms']:.1f} ms a step (traced), operations "

@@ -41,13 +41,12 @@ from typing import Any, Callable
 from absl import app
 from absl import flags
 import jax
-import jax.numpy as jnp
 import numpy as np
-import optax
 
 import evoprune as ep
 from evoprune import training
-from benchmarks.side_by_side import BATCH_SIZE, INPUT_SHAPES, alternate, machine, torch_device
+from benchmarks.side_by_side import (INPUT_SHAPES, alternate, example_batch, machine,
+                                     torch_device, train_epoch)
 
 _OUT = flags.DEFINE_string("out", "", "Write the results as JSON to this file.")
 _SMOKE = flags.DEFINE_bool(
@@ -176,13 +175,8 @@ def jax_step(name: str, x: np.ndarray, y: np.ndarray, steps: int = STEPS_PER_CAL
   `ep.ops.use(ops)` ('xla': the plain XLA ops and XLA's default compiler options; 'cpu':
   the CPU formulations, on every backend).
   """
-  model = ep.models.create(name, num_classes=10)
-  x, y = jnp.asarray(x), jnp.asarray(y)
-  tx = optax.sgd(0.01, momentum=0.9)
-  batches = jnp.tile(jnp.arange(x.shape[0])[None], (steps, 1))
-  with ep.ops.use(ops):
-    box = [training.create_train_state(model, tx, jax.random.key(0), x[:1])]
-    train_steps = training.make_train_epoch(model, tx)
+  train_steps, (state, x, y, batches) = train_epoch(name, x, y, steps, ops)
+  box = [state]
 
   def run():
     box[0], metrics = train_steps(box[0], x, y, batches)
@@ -201,9 +195,7 @@ def measure(name: str, rounds: int, block: int = 3, warmup: int = 2, plain: bool
   The two frameworks alternate in blocks of `block` calls, `rounds` times (`alternate`);
   evoprune's calls run `steps_per_call` steps each.
   """
-  rng = np.random.default_rng(0)
-  x = rng.normal(size=(BATCH_SIZE, *INPUT_SHAPES[name])).astype(np.float32)
-  y = rng.integers(0, 10, BATCH_SIZE).astype(np.int32)
+  x, y = example_batch(name)
   steps = {"jax": jax_step(name, x, y, steps_per_call)}
   if plain:
     steps["plain"] = jax_step(name, x, y, steps_per_call, ops="xla")
