@@ -13,6 +13,8 @@ setuptools.setup(
     long_description_content_type="text/markdown",
     python_requires=">=3.10",
     packages=setuptools.find_packages(include=["evoprune", "evoprune.*", "experiments", "experiments.*", "benchmarks"]),
+    # The C++ kernels' source, compiled on first use (evoprune.ops.direct).
+    package_data={"evoprune.ops": ["direct.cc"]},
     install_requires=[
         "jax>=0.6",
         "flax>=0.10",

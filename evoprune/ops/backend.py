@@ -11,6 +11,8 @@ import jax
 from jax import lax
 import jax.numpy as jnp
 
+from evoprune.ops import direct
+
 IMPLEMENTATIONS = ("auto", "xla", "cpu")
 
 Padding = str | Sequence[tuple[int, int]]
@@ -132,8 +134,11 @@ def describe(backend: str | None = None) -> str:
   """What `impl='auto'` runs on `backend` (default: JAX's default backend)."""
   if _staged(backend) == "xla":
     return "xla (lax.conv_general_dilated, reduce_window max pool)"
+  kernel = ("evoprune's C++ kernel (float32, C_out % 16 == 0; else " if direct.available()
+            else "(C++ kernel not built: ")
   return ("cpu (conv: XLA forward/input grad (Eigen in training programs), weight grad "
-          "as a canonical conv (stride 1) or chunked im2col matmuls (strided), few-channel "
+          f"{kernel}a canonical conv (stride 1) or chunked im2col matmuls (strided)), "
+          "few-channel "
           "stride-1 convs on the space-to-depth input; 1x1 as matmul; depthwise as "
           "shifted multiply-adds; max pool: max of strided views, first-max grad; batch "
           "norm: written-out gradient)")

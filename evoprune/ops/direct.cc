@@ -1,0 +1,174 @@
+// Direct convolution kernels for XLA:CPU, called through XLA's FFI (see direct.py).
+//
+// The weight gradient of a convolution, NHWC activations, HWIO kernel, strides (sh, sw):
+//   dk[i, j, c, o] = sum_{b, y, x} x[b, sh y + i - lo_h, sw x + j - lo_w, c] * g[b, y, x, o]
+// (taps outside x are zero padding). Each unit of work is one tap (i, j), a block of up
+// to 16 input channels and 16 output channels: 16 x 16 sums kept in 16 vector registers
+// over the whole batch, one image at a time so that the image's x and g stay in L2 while
+// every unit of a thread reads them. Each unit's sums are added in one fixed order, so
+// the result does not depend on the number of threads.
+//
+// Vectors are GCC/Clang vector extensions: the compiler maps a 16-float vector to one
+// AVX-512 register, two AVX registers or four SSE registers (-march=native).
+
+#include <algorithm>
+#include <array>
+#include <atomic>
+#include <cstdint>
+#include <cstring>
+#include <memory>
+#include <thread>
+#include <utility>
+
+#include "xla/ffi/api/ffi.h"
+
+namespace ffi = xla::ffi;
+
+namespace {
+
+constexpr int64_t kLanes = 16;
+typedef float Vec __attribute__((vector_size(kLanes * sizeof(float)), aligned(4)));
+
+struct Shape {
+  int64_t batch, h, w, c;  // x
+  int64_t ho, wo, o;       // g
+  int64_t kh, kw, sh, sw, lo_h, lo_w;
+};
+
+// The first and one past the last output position whose tap at offset `tap - lo` falls
+// inside an input of `size`: stride * y + tap - lo in [0, size).
+inline std::pair<int64_t, int64_t> Inside(int64_t size, int64_t out, int64_t stride,
+                                          int64_t tap, int64_t lo) {
+  const int64_t first = std::max<int64_t>(0, (lo - tap + stride - 1) / stride);
+  const int64_t top = size - 1 + lo - tap;  // largest stride * y
+  const int64_t last = top < 0 ? 0 : std::min<int64_t>(out, top / stride + 1);
+  return {first, std::max(first, last)};
+}
+
+// Adds image b's contribution to the unit (tap i, j; channels c0 .. c0 + R; outputs
+// o0 .. o0 + 16) of dk: R registers of 16 sums, loaded from dk and stored back.
+template <int R>
+void AddImage(const float* x, const float* g, float* dk, const Shape& s, int64_t b,
+              int64_t i, int64_t j, int64_t c0, int64_t o0) {
+  float* out = dk + ((i * s.kw + j) * s.c + c0) * s.o + o0;
+  Vec acc[R];
+  for (int r = 0; r < R; ++r) std::memcpy(&acc[r], out + r * s.o, sizeof(Vec));
+  // The output rows and columns whose tap (i, j) falls inside x.
+  const auto [y0, y1] = Inside(s.h, s.ho, s.sh, i, s.lo_h);
+  const auto [x0, x1] = Inside(s.w, s.wo, s.sw, j, s.lo_w);
+  for (int64_t y = y0; y < y1; ++y) {
+    const float* g_row = g + ((b * s.ho + y) * s.wo) * s.o + o0;
+    const float* x_row = x + ((b * s.h + s.sh * y + i - s.lo_h) * s.w + j - s.lo_w) * s.c + c0;
+    for (int64_t col = x0; col < x1; ++col) {
+      Vec gv;
+      std::memcpy(&gv, g_row + col * s.o, sizeof(Vec));
+      const float* xv = x_row + s.sw * col * s.c;
+      for (int r = 0; r < R; ++r) acc[r] += xv[r] * gv;
+    }
+  }
+  for (int r = 0; r < R; ++r) std::memcpy(out + r * s.o, &acc[r], sizeof(Vec));
+}
+
+using AddImageFn = void (*)(const float*, const float*, float*, const Shape&, int64_t,
+                            int64_t, int64_t, int64_t, int64_t);
+
+template <int... R>
+constexpr auto MakeTable(std::integer_sequence<int, R...>) {
+  return std::array<AddImageFn, sizeof...(R)>{&AddImage<R + 1>...};
+}
+// kAddImage[r - 1] handles a block of r input channels.
+constexpr auto kAddImage = MakeTable(std::make_integer_sequence<int, kLanes>{});
+
+// Units [first, last) of one (x, g, dk) triple, image by image.
+void WeightGradUnits(const float* x, const float* g, float* dk, const Shape& s,
+                     int64_t first, int64_t last) {
+  const int64_t c_blocks = (s.c + kLanes - 1) / kLanes, o_blocks = s.o / kLanes;
+  for (int64_t u = first; u < last; ++u) {  // zero this unit's slice of dk
+    const int64_t tap = u / (c_blocks * o_blocks), cb = u / o_blocks % c_blocks;
+    const int64_t ob = u % o_blocks, rows = std::min(kLanes, s.c - cb * kLanes);
+    float* out = dk + (tap * s.c + cb * kLanes) * s.o + ob * kLanes;
+    for (int64_t r = 0; r < rows; ++r) std::memset(out + r * s.o, 0, sizeof(Vec));
+  }
+  for (int64_t b = 0; b < s.batch; ++b) {
+    for (int64_t u = first; u < last; ++u) {
+      const int64_t tap = u / (c_blocks * o_blocks), cb = u / o_blocks % c_blocks;
+      const int64_t ob = u % o_blocks, rows = std::min(kLanes, s.c - cb * kLanes);
+      kAddImage[rows - 1](x, g, dk, s, b, tap / s.kw, tap % s.kw, cb * kLanes, ob * kLanes);
+    }
+  }
+}
+
+// Runs fn(part) for part in [0, parts) on the caller and up to parts - 1 pool threads.
+// Parts are claimed from a shared counter, so the caller never waits on a part that no
+// thread has started: no deadlock when every pool thread is inside such a call.
+template <typename Fn>
+void ParallelFor(ffi::ThreadPool& pool, int64_t parts, Fn fn) {
+  struct State {
+    explicit State(int64_t n, Fn f) : parts(n), fn(std::move(f)) {}
+    const int64_t parts;
+    Fn fn;
+    std::atomic<int64_t> next{0}, done{0};
+  };
+  auto state = std::make_shared<State>(parts, std::move(fn));
+  auto work = [state] {
+    for (int64_t p; (p = state->next.fetch_add(1)) < state->parts;) {
+      state->fn(p);
+      state->done.fetch_add(1, std::memory_order_release);
+    }
+  };
+  for (int64_t t = 1; t < parts; ++t) pool.Schedule(decltype(work)(work));
+  work();
+  while (state->done.load(std::memory_order_acquire) < parts) std::this_thread::yield();
+}
+
+ffi::Error WeightGrad(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x,
+                      ffi::Buffer<ffi::F32> g, ffi::ResultBuffer<ffi::F32> dk,
+                      int64_t sh, int64_t sw, int64_t lo_h, int64_t lo_w, bool threaded) {
+  // x [..., B, H, W, C], g [..., B, H', W', O], dk [..., kh, kw, C, O]; leading axes
+  // (from vmap) alike on all three.
+  const auto xd = x.dimensions(), gd = g.dimensions(), kd = dk->dimensions();
+  const size_t n = xd.size();
+  if (n < 4 || gd.size() != n || kd.size() != n) {
+    return ffi::Error::InvalidArgument("weight_grad: x, g and dk need the same rank >= 4");
+  }
+  Shape s{xd[n - 4], xd[n - 3], xd[n - 2], xd[n - 1], gd[n - 3], gd[n - 2], gd[n - 1],
+          kd[n - 4], kd[n - 3], sh, sw, lo_h, lo_w};
+  if (s.o % kLanes != 0 || gd[n - 4] != s.batch || kd[n - 2] != s.c || kd[n - 1] != s.o) {
+    return ffi::Error::InvalidArgument("weight_grad: shapes do not match (C_out % 16 == 0)");
+  }
+  int64_t leading = 1;
+  for (size_t a = 0; a + 4 < n; ++a) leading *= xd[a];
+  const int64_t x_size = s.batch * s.h * s.w * s.c, g_size = s.batch * s.ho * s.wo * s.o;
+  const int64_t k_size = s.kh * s.kw * s.c * s.o;
+  const int64_t units = s.kh * s.kw * ((s.c + kLanes - 1) / kLanes) * (s.o / kLanes);
+  // Each part: a contiguous range of one triple's units (parts never share a unit).
+  const int64_t split = threaded ? std::clamp<int64_t>(pool.num_threads(), 1, units) : 1;
+  const float* xp = x.typed_data();
+  const float* gp = g.typed_data();
+  float* kp = dk->typed_data();
+  auto part = [=](int64_t p) {
+    const int64_t l = p / split, q = p % split;
+    WeightGradUnits(xp + l * x_size, gp + l * g_size, kp + l * k_size, s,
+                    units * q / split, units * (q + 1) / split);
+  };
+  if (leading * split == 1) {
+    part(0);
+  } else {
+    ParallelFor(pool, leading * split, part);
+  }
+  return ffi::Error::Success();
+}
+
+}  // namespace
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(EvopruneConvWeightGrad, WeightGrad,
+                              ffi::Ffi::Bind()
+                                  .Ctx<ffi::ThreadPool>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Ret<ffi::Buffer<ffi::F32>>()
+                                  .Attr<int64_t>("sh")
+                                  .Attr<int64_t>("sw")
+                                  .Attr<int64_t>("lo_h")
+                                  .Attr<int64_t>("lo_w")
+                                  .Attr<bool>("threaded"));
