@@ -97,18 +97,15 @@ class WeightGradTest(_KernelsFixture):
         x[0, 0], g[0, 1], (3, 3), (1, 1), ((1, 1), (1, 1))), rtol=1e-5, atol=1e-4)
 
   def test_handles_float32_and_multiples_of_16_outputs_only(self):
-    x = jnp.zeros((1, 4, 4, 3))
-    self.assertTrue(direct.handles_weight_grad(x, jnp.zeros((1, 4, 4, 32))))
-    self.assertFalse(direct.handles_weight_grad(x, jnp.zeros((1, 4, 4, 24))))
-    self.assertFalse(direct.handles_weight_grad(x.astype(jnp.bfloat16),
-                                                jnp.zeros((1, 4, 4, 16), jnp.bfloat16)))
+    self.assertTrue(direct.handles(jnp.float32, 32))
+    self.assertFalse(direct.handles(jnp.float32, 24))
+    self.assertFalse(direct.handles(jnp.bfloat16, 16))
 
   def test_not_built_where_the_default_backend_is_an_accelerator(self):
     direct._library.cache_clear()
     with mock.patch.object(jax, "default_backend", return_value="gpu"), \
         mock.patch.object(direct, "_build") as build:
-      self.assertFalse(direct.handles_weight_grad(jnp.zeros((1, 4, 4, 3)),
-                                                  jnp.zeros((1, 4, 4, 16))))
+      self.assertFalse(direct.handles(jnp.float32, 16))
     build.assert_not_called()
 
 

@@ -159,6 +159,115 @@ ffi::Error WeightGrad(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x,
   return ffi::Error::Success();
 }
 
+
+// The forward pass of a stride-1 convolution (and, on g with the flipped kernel, its input
+// gradient): y[b, y, x, o] = sum_{i, j, c} x[b, y + i - lo_h, x + j - lo_w, c] k[i, j, c, o].
+// Each image is first copied into a zero-padded scratch laid out [H'+ kh - 1][C][W' + kw - 1]
+// (channels major within a row), so that one channel of a tile's P neighbouring pixels is
+// contiguous; a tile keeps P pixels x V vectors of 16 outputs in registers.
+template <int P, int V>
+void ForwardTile(const float* pad, int64_t c_in, int64_t wp, const float* k, int64_t kh,
+                 int64_t kw, int64_t o, float* y) {
+  Vec acc[P][V] = {};
+  // Channels innermost: consecutive steps read different rows, so each product broadcasts
+  // its input straight from memory (with taps innermost, GCC shuffled values between steps).
+  for (int64_t i = 0; i < kh; ++i) {
+    for (int64_t j = 0; j < kw; ++j) {
+      const float* taps = k + (i * kw + j) * c_in * o;
+      for (int64_t c = 0; c < c_in; ++c) {
+        const float* row = pad + (i * c_in + c) * wp + j;
+        Vec kv[V];
+        for (int v = 0; v < V; ++v) std::memcpy(&kv[v], taps + c * o + kLanes * v, sizeof(Vec));
+        for (int p = 0; p < P; ++p) {
+          for (int v = 0; v < V; ++v) acc[p][v] += row[p] * kv[v];
+        }
+      }
+    }
+  }
+  for (int p = 0; p < P; ++p) {
+    for (int v = 0; v < V; ++v) std::memcpy(y + p * o + kLanes * v, &acc[p][v], sizeof(Vec));
+  }
+}
+
+using ForwardTileFn = void (*)(const float*, int64_t, int64_t, const float*, int64_t,
+                               int64_t, int64_t, float*);
+
+template <int V, int... P>
+constexpr auto MakeForwardTable(std::integer_sequence<int, P...>) {
+  return std::array<ForwardTileFn, sizeof...(P)>{&ForwardTile<P + 1, V>...};
+}
+// Tiles of 1 .. 16 pixels by one vector and 1 .. 8 by two: 16 accumulators at the widest.
+constexpr auto kForward1 = MakeForwardTable<1>(std::make_integer_sequence<int, 16>{});
+constexpr auto kForward2 = MakeForwardTable<2>(std::make_integer_sequence<int, 8>{});
+
+// Images [first, last) of one (x, k, y) triple.
+void ForwardImages(const float* x, const float* k, float* y, const Shape& s, int64_t first,
+                   int64_t last) {
+  const int64_t hp = s.ho + s.kh - 1, wp = s.wo + s.kw - 1;
+  // Two vectors of outputs by 8 pixels where the outputs allow (64->64 at 8x8, one core:
+  // 5.8 ms against 6.0 for one by 16 and 7.0 for four by 4), else one by 16.
+  const int vectors = s.o % (2 * kLanes) == 0 ? 2 : 1;
+  const ForwardTileFn* table = vectors == 2 ? kForward2.data() : kForward1.data();
+  const int64_t widest = vectors == 2 ? 8 : 16;
+  std::unique_ptr<float[]> pad(new float[hp * s.c * wp]);
+  for (int64_t b = first; b < last; ++b) {
+    std::fill(pad.get(), pad.get() + hp * s.c * wp, 0.0f);
+    for (int64_t r = std::max<int64_t>(0, -s.lo_h); r < std::min(s.h, hp - s.lo_h); ++r) {
+      const int64_t c0 = std::max<int64_t>(0, -s.lo_w), c1 = std::min(s.w, wp - s.lo_w);
+      const float* src = x + (b * s.h + r) * s.w * s.c;
+      float* dst = pad.get() + (r + s.lo_h) * s.c * wp + s.lo_w;
+      for (int64_t col = c0; col < c1; ++col) {
+        for (int64_t c = 0; c < s.c; ++c) dst[c * wp + col] = src[col * s.c + c];
+      }
+    }
+    for (int64_t row = 0; row < s.ho; ++row) {
+      float* out = y + (b * s.ho + row) * s.wo * s.o;
+      const float* rows = pad.get() + row * s.c * wp;
+      for (int64_t o0 = 0; o0 < s.o; o0 += vectors * kLanes) {
+        for (int64_t col = 0; col < s.wo; col += widest) {
+          const int64_t tile = std::min(widest, s.wo - col);
+          table[tile - 1](rows + col, s.c, wp, k + o0, s.kh, s.kw, s.o,
+                          out + col * s.o + o0);
+        }
+      }
+    }
+  }
+}
+
+ffi::Error Forward(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::F32> k,
+                   ffi::ResultBuffer<ffi::F32> y, int64_t lo_h, int64_t lo_w, bool threaded) {
+  // x [..., B, H, W, C], k [..., kh, kw, C, O], y [..., B, H', W', O].
+  const auto xd = x.dimensions(), kd = k.dimensions(), yd = y->dimensions();
+  const size_t n = xd.size();
+  if (n < 4 || kd.size() != n || yd.size() != n) {
+    return ffi::Error::InvalidArgument("forward: x, k and y need the same rank >= 4");
+  }
+  Shape s{xd[n - 4], xd[n - 3], xd[n - 2], xd[n - 1], yd[n - 3], yd[n - 2], yd[n - 1],
+          kd[n - 4], kd[n - 3], 1, 1, lo_h, lo_w};
+  if (s.o % kLanes != 0 || yd[n - 4] != s.batch || kd[n - 2] != s.c || kd[n - 1] != s.o) {
+    return ffi::Error::InvalidArgument("forward: shapes do not match (C_out % 16 == 0)");
+  }
+  int64_t leading = 1;
+  for (size_t a = 0; a + 4 < n; ++a) leading *= xd[a];
+  const int64_t x_size = s.batch * s.h * s.w * s.c, y_size = s.batch * s.ho * s.wo * s.o;
+  const int64_t k_size = s.kh * s.kw * s.c * s.o;
+  const int64_t split = threaded ? std::clamp<int64_t>(pool.num_threads(), 1, s.batch) : 1;
+  const float* xp = x.typed_data();
+  const float* kp = k.typed_data();
+  float* yp = y->typed_data();
+  auto part = [=](int64_t p) {
+    const int64_t l = p / split, q = p % split;
+    ForwardImages(xp + l * x_size, kp + l * k_size, yp + l * y_size, s,
+                  s.batch * q / split, s.batch * (q + 1) / split);
+  };
+  if (leading * split == 1) {
+    part(0);
+  } else {
+    ParallelFor(pool, leading * split, part);
+  }
+  return ffi::Error::Success();
+}
+
 }  // namespace
 
 XLA_FFI_DEFINE_HANDLER_SYMBOL(EvopruneConvWeightGrad, WeightGrad,
@@ -169,6 +278,16 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(EvopruneConvWeightGrad, WeightGrad,
                                   .Ret<ffi::Buffer<ffi::F32>>()
                                   .Attr<int64_t>("sh")
                                   .Attr<int64_t>("sw")
+                                  .Attr<int64_t>("lo_h")
+                                  .Attr<int64_t>("lo_w")
+                                  .Attr<bool>("threaded"));
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(EvopruneConvForward, Forward,
+                              ffi::Ffi::Bind()
+                                  .Ctx<ffi::ThreadPool>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Ret<ffi::Buffer<ffi::F32>>()
                                   .Attr<int64_t>("lo_h")
                                   .Attr<int64_t>("lo_w")
                                   .Attr<bool>("threaded"));

@@ -35,6 +35,7 @@ import numpy as np
 
 _SOURCE = pathlib.Path(__file__).with_name("direct.cc")
 _WEIGHT_GRAD = "evoprune_conv_weight_grad"
+_FORWARD = "evoprune_conv_forward"
 # Output channels per register block in direct.cc.
 LANES = 16
 _FLAGS = ("-O3", "-march=native", "-std=c++17", "-shared", "-fPIC")
@@ -91,6 +92,8 @@ def _library() -> ctypes.CDLL | None:
     return None
   jax.ffi.register_ffi_target(_WEIGHT_GRAD, jax.ffi.pycapsule(library.EvopruneConvWeightGrad),
                               platform="cpu")
+  jax.ffi.register_ffi_target(_FORWARD, jax.ffi.pycapsule(library.EvopruneConvForward),
+                              platform="cpu")
   return library
 
 
@@ -99,12 +102,12 @@ def available() -> bool:
   return _library() is not None
 
 
-def handles_weight_grad(x: jax.Array, g: jax.Array) -> bool:
-  """Whether `weight_grad` takes this convolution: float32, C_out % 16 == 0, on a machine
-  whose default backend is the CPU (elsewhere the programs run on the accelerator, so the
-  kernels are not built)."""
-  return (x.dtype == g.dtype == jnp.float32 and g.shape[-1] % LANES == 0
-          and jax.default_backend() == "cpu" and available())
+def handles(dtype, c_out: int) -> bool:
+  """Whether `forward` and `weight_grad` take a convolution with these operands' dtype and
+  C_out outputs: float32, C_out % 16 == 0, on a machine whose default backend is the CPU
+  (elsewhere the programs run on the accelerator, so the kernels are not built)."""
+  return (dtype == jnp.float32 and c_out % LANES == 0 and jax.default_backend() == "cpu"
+          and available())
 
 
 def weight_grad(x: jax.Array, g: jax.Array, window: tuple[int, int],
@@ -133,3 +136,17 @@ def weight_grad(x: jax.Array, g: jax.Array, window: tuple[int, int],
   return call(x, g, sh=np.int64(strides[0]), sw=np.int64(strides[1]),
               lo_h=np.int64(padding[0][0]), lo_w=np.int64(padding[1][0]),
               threaded=bool(threaded))
+
+
+def forward(x: jax.Array, kernel: jax.Array, padding: tuple[tuple[int, int], ...], *,
+            threaded: bool = True) -> jax.Array:
+  """A stride-1 dense convolution [B, H', W', C_out] of x [B, H, W, C_in] with kernel
+  [kh, kw, C_in, C_out] (C_out a multiple of 16), on CPU only."""
+  if not available():
+    raise RuntimeError("evoprune.ops.direct: the C++ kernels are not available (built "
+                       "without a working C++ compiler, or EVOPRUNE_KERNELS=0)")
+  (kh, kw), ((lo_h, hi_h), (lo_w, hi_w)) = kernel.shape[:2], padding
+  out_hw = (x.shape[1] + lo_h + hi_h - kh + 1, x.shape[2] + lo_w + hi_w - kw + 1)
+  out = jax.ShapeDtypeStruct((x.shape[0], *out_hw, kernel.shape[-1]), jnp.float32)
+  call = jax.ffi.ffi_call(_FORWARD, out, vmap_method="broadcast_all")
+  return call(x, kernel, lo_h=np.int64(lo_h), lo_w=np.int64(lo_w), threaded=bool(threaded))
