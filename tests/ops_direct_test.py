@@ -1,5 +1,5 @@
-"""Tests for evoprune.ops.direct: the C++ weight-gradient kernel against the vjp of
-lax.conv_general_dilated, its batching, threading, build and fallback."""
+"""Tests for evoprune.ops.direct: the C++ convolution kernels against
+lax.conv_general_dilated and its vjp, their batching, threading, build and fallback."""
 
 import os
 import pathlib
@@ -109,33 +109,74 @@ class WeightGradTest(_KernelsFixture):
     build.assert_not_called()
 
 
+# (name, x shape, kernel shape, padding)
+_FORWARD_CASES = (
+    ("resnet_first_stage", (2, 8, 8, 16), (3, 3, 16, 16), ((1, 1), (1, 1))),
+    ("two_output_vectors", (2, 6, 6, 32), (3, 3, 32, 64), ((1, 1), (1, 1))),
+    ("rgb_wide_row_tiles", (2, 7, 37, 3), (3, 3, 3, 16), ((1, 1), (1, 1))),
+    ("valid_5x4", (3, 9, 10, 6), (5, 4, 6, 32), ((0, 0), (0, 0))),
+    ("asymmetric_padding", (2, 7, 8, 5), (4, 3, 5, 16), ((2, 0), (1, 2))),
+    # Negative pads crop x: the input gradient of a convolution padded beyond its window.
+    ("cropping", (2, 9, 9, 16), (3, 3, 16, 16), ((-1, 2), (2, -2))),
+)
+
+
+class ForwardTest(_KernelsFixture):
+
+  @parameterized.named_parameters(*_FORWARD_CASES)
+  def test_matches_lax_conv(self, x_shape, k_shape, padding):
+    x, k = _random(x_shape, 0), _random(k_shape, 1)
+    expected = lax.conv_general_dilated(x, k, (1, 1), padding, dimension_numbers=_NHWC)
+    for threaded in (True, False):
+      actual = jax.jit(lambda x, k, t=threaded: direct.forward(x, k, padding, threaded=t))(
+          x, k)
+      self.assertEqual(actual.shape, expected.shape)
+      np.testing.assert_allclose(actual, expected, rtol=1e-5,
+                                 atol=1e-5 * float(jnp.max(jnp.abs(expected))))
+
+  def test_vmap_with_a_shared_input_or_kernel(self):
+    pad = ((1, 1), (1, 1))
+    x, k = _random((3, 2, 6, 6, 8), 0), _random((3, 3, 3, 8, 16), 1)
+    conv = lambda x, k: lax.conv_general_dilated(x, k, (1, 1), pad, dimension_numbers=_NHWC)
+    fwd = lambda x, k: direct.forward(x, k, pad)
+    for in_axes, args in (((0, 0), (x, k)), ((None, 0), (x[0], k)), ((0, None), (x, k[0]))):
+      actual = jax.jit(jax.vmap(fwd, in_axes=in_axes))(*args)
+      expected = jax.vmap(conv, in_axes=in_axes)(*args)
+      np.testing.assert_allclose(actual, expected, rtol=1e-5, atol=1e-4)
+
+
 class ConvolutionUsesTheKernelTest(_KernelsFixture):
 
   def _grad(self, x, k, strides, padding):
     def loss(k, x):
       with ops.use("cpu"):
         y = ops.conv(x, k, strides, padding)
-      return jnp.sum(y * _random(y.shape, 7))
+      return jnp.sum(jnp.sin(y) * _random(y.shape, 7))  # nonlinear: the forward pass stays
     return jax.jit(jax.grad(loss, argnums=(0, 1)))
 
   def test_cpu_programs_call_the_kernel_and_match_lax(self):
     x, k = _random((2, 8, 8, 16), 0), _random((3, 3, 16, 32), 1)
     for strides in ((1, 1), (2, 2)):
       grad = self._grad(x, k, strides, "SAME")
-      self.assertIn(direct._WEIGHT_GRAD, grad.lower(k, x).as_text())
+      text = grad.lower(k, x).as_text()
+      self.assertIn(direct._WEIGHT_GRAD, text)
+      # The forward pass and, with stride 1, the input gradient.
+      self.assertEqual(text.count(f"@{direct._FORWARD}("), 2 if strides == (1, 1) else 0)
       dk, dx = grad(k, x)
 
       def reference(k, x):
         y = lax.conv_general_dilated(x, k, strides, "SAME", dimension_numbers=_NHWC)
-        return jnp.sum(y * _random(y.shape, 7))
+        return jnp.sum(jnp.sin(y) * _random(y.shape, 7))
       rk, rx = jax.grad(reference, argnums=(0, 1))(k, x)
-      np.testing.assert_allclose(dk, rk, rtol=1e-5, atol=1e-4)
-      np.testing.assert_allclose(dx, rx, rtol=1e-5, atol=1e-4)
+      for actual, expected in ((dk, rk), (dx, rx)):
+        np.testing.assert_allclose(actual, expected, rtol=1e-5,
+                                   atol=2e-5 * float(jnp.max(jnp.abs(expected))))
 
   def test_other_platforms_get_the_xla_form(self):
     x, k = _random((2, 8, 8, 16), 0), _random((3, 3, 16, 16), 1)
     exported = jax.export.export(self._grad(x, k, (1, 1), "SAME"), platforms=["cuda"])(k, x)
     self.assertNotIn(direct._WEIGHT_GRAD, exported.mlir_module())
+    self.assertNotIn(direct._FORWARD, exported.mlir_module())
 
   def test_turned_off_by_the_environment(self):
     x, k = _random((2, 8, 8, 16), 0), _random((3, 3, 16, 16), 1)
@@ -144,6 +185,7 @@ class ConvolutionUsesTheKernelTest(_KernelsFixture):
       self.assertFalse(direct.available())
       text = self._grad(x, k, (1, 1), "SAME").lower(k, x).as_text()
     self.assertNotIn(direct._WEIGHT_GRAD, text)
+    self.assertNotIn(direct._FORWARD, text)
     self.assertIn("convolution", text)
     with self.assertRaisesRegex(RuntimeError, "not available"):
       direct._library.cache_clear()

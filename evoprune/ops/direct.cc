@@ -98,6 +98,30 @@ void WeightGradUnits(const float* x, const float* g, float* dk, const Shape& s,
   }
 }
 
+// Calls batched by vmap (vmap_method="expand_dims") carry leading axes: the result's are
+// the batch, each operand's are the result's or 1 (an operand shared by the batch).
+bool LeadingMatch(ffi::Span<const int64_t> operand, ffi::Span<const int64_t> result,
+                  size_t rank) {
+  for (size_t a = 0; a < rank; ++a) {
+    if (operand[a] != 1 && operand[a] != result[a]) return false;
+  }
+  return true;
+}
+
+// Offset in elements of the operand's block for the result's block l (row-major over the
+// leading axes), with `block` elements in each block.
+int64_t LeadingOffset(ffi::Span<const int64_t> operand, ffi::Span<const int64_t> result,
+                      size_t rank, int64_t block, int64_t l) {
+  int64_t offset = 0, stride = block;
+  for (size_t a = rank; a-- > 0;) {
+    const int64_t index = l % result[a];
+    l /= result[a];
+    if (operand[a] != 1) offset += index * stride;
+    stride *= operand[a];
+  }
+  return offset;
+}
+
 // Runs fn(part) for part in [0, parts) on the caller and up to parts - 1 pool threads.
 // Parts are claimed from a shared counter, so the caller never waits on a part that no
 // thread has started: no deadlock when every pool thread is inside such a call.
@@ -109,6 +133,10 @@ void ParallelFor(ffi::ThreadPool& pool, int64_t parts, Fn fn) {
     Fn fn;
     std::atomic<int64_t> next{0}, done{0};
   };
+  if (parts <= 1) {
+    if (parts == 1) fn(0);
+    return;
+  }
   auto state = std::make_shared<State>(parts, std::move(fn));
   auto work = [state] {
     for (int64_t p; (p = state->next.fetch_add(1)) < state->parts;) {
@@ -124,38 +152,33 @@ void ParallelFor(ffi::ThreadPool& pool, int64_t parts, Fn fn) {
 ffi::Error WeightGrad(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x,
                       ffi::Buffer<ffi::F32> g, ffi::ResultBuffer<ffi::F32> dk,
                       int64_t sh, int64_t sw, int64_t lo_h, int64_t lo_w, bool threaded) {
-  // x [..., B, H, W, C], g [..., B, H', W', O], dk [..., kh, kw, C, O]; leading axes
-  // (from vmap) alike on all three.
+  // x [..., B, H, W, C], g [..., B, H', W', O], dk [..., kh, kw, C, O].
   const auto xd = x.dimensions(), gd = g.dimensions(), kd = dk->dimensions();
-  const size_t n = xd.size();
-  if (n < 4 || gd.size() != n || kd.size() != n) {
+  const size_t n = kd.size(), lead = n - 4;
+  if (n < 4 || xd.size() != n || gd.size() != n || !LeadingMatch(xd, kd, lead) ||
+      !LeadingMatch(gd, kd, lead)) {
     return ffi::Error::InvalidArgument("weight_grad: x, g and dk need the same rank >= 4");
   }
-  Shape s{xd[n - 4], xd[n - 3], xd[n - 2], xd[n - 1], gd[n - 3], gd[n - 2], gd[n - 1],
-          kd[n - 4], kd[n - 3], sh, sw, lo_h, lo_w};
+  const Shape s{xd[n - 4], xd[n - 3], xd[n - 2], xd[n - 1], gd[n - 3], gd[n - 2], gd[n - 1],
+                kd[n - 4], kd[n - 3], sh, sw, lo_h, lo_w};
   if (s.o % kLanes != 0 || gd[n - 4] != s.batch || kd[n - 2] != s.c || kd[n - 1] != s.o) {
     return ffi::Error::InvalidArgument("weight_grad: shapes do not match (C_out % 16 == 0)");
   }
-  int64_t leading = 1;
-  for (size_t a = 0; a + 4 < n; ++a) leading *= xd[a];
   const int64_t x_size = s.batch * s.h * s.w * s.c, g_size = s.batch * s.ho * s.wo * s.o;
   const int64_t k_size = s.kh * s.kw * s.c * s.o;
   const int64_t units = s.kh * s.kw * ((s.c + kLanes - 1) / kLanes) * (s.o / kLanes);
-  // Each part: a contiguous range of one triple's units (parts never share a unit).
+  // Each part: a contiguous range of one batch element's units (parts never share one).
   const int64_t split = threaded ? std::clamp<int64_t>(pool.num_threads(), 1, units) : 1;
   const float* xp = x.typed_data();
   const float* gp = g.typed_data();
   float* kp = dk->typed_data();
   auto part = [=](int64_t p) {
     const int64_t l = p / split, q = p % split;
-    WeightGradUnits(xp + l * x_size, gp + l * g_size, kp + l * k_size, s,
+    WeightGradUnits(xp + LeadingOffset(xd, kd, lead, x_size, l),
+                    gp + LeadingOffset(gd, kd, lead, g_size, l), kp + l * k_size, s,
                     units * q / split, units * (q + 1) / split);
   };
-  if (leading * split == 1) {
-    part(0);
-  } else {
-    ParallelFor(pool, leading * split, part);
-  }
+  ParallelFor(pool, (k_size ? dk->element_count() / k_size : 0) * split, part);
   return ffi::Error::Success();
 }
 
@@ -238,33 +261,30 @@ ffi::Error Forward(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Buffer<ff
                    ffi::ResultBuffer<ffi::F32> y, int64_t lo_h, int64_t lo_w, bool threaded) {
   // x [..., B, H, W, C], k [..., kh, kw, C, O], y [..., B, H', W', O].
   const auto xd = x.dimensions(), kd = k.dimensions(), yd = y->dimensions();
-  const size_t n = xd.size();
-  if (n < 4 || kd.size() != n || yd.size() != n) {
+  const size_t n = yd.size(), lead = n - 4;
+  if (n < 4 || xd.size() != n || kd.size() != n || !LeadingMatch(xd, yd, lead) ||
+      !LeadingMatch(kd, yd, lead)) {
     return ffi::Error::InvalidArgument("forward: x, k and y need the same rank >= 4");
   }
-  Shape s{xd[n - 4], xd[n - 3], xd[n - 2], xd[n - 1], yd[n - 3], yd[n - 2], yd[n - 1],
-          kd[n - 4], kd[n - 3], 1, 1, lo_h, lo_w};
+  const Shape s{xd[n - 4], xd[n - 3], xd[n - 2], xd[n - 1], yd[n - 3], yd[n - 2], yd[n - 1],
+                kd[n - 4], kd[n - 3], 1, 1, lo_h, lo_w};
   if (s.o % kLanes != 0 || yd[n - 4] != s.batch || kd[n - 2] != s.c || kd[n - 1] != s.o) {
     return ffi::Error::InvalidArgument("forward: shapes do not match (C_out % 16 == 0)");
   }
-  int64_t leading = 1;
-  for (size_t a = 0; a + 4 < n; ++a) leading *= xd[a];
   const int64_t x_size = s.batch * s.h * s.w * s.c, y_size = s.batch * s.ho * s.wo * s.o;
   const int64_t k_size = s.kh * s.kw * s.c * s.o;
+  // Each part: a contiguous range of one batch element's images.
   const int64_t split = threaded ? std::clamp<int64_t>(pool.num_threads(), 1, s.batch) : 1;
   const float* xp = x.typed_data();
   const float* kp = k.typed_data();
   float* yp = y->typed_data();
   auto part = [=](int64_t p) {
     const int64_t l = p / split, q = p % split;
-    ForwardImages(xp + l * x_size, kp + l * k_size, yp + l * y_size, s,
+    ForwardImages(xp + LeadingOffset(xd, yd, lead, x_size, l),
+                  kp + LeadingOffset(kd, yd, lead, k_size, l), yp + l * y_size, s,
                   s.batch * q / split, s.batch * (q + 1) / split);
   };
-  if (leading * split == 1) {
-    part(0);
-  } else {
-    ParallelFor(pool, leading * split, part);
-  }
+  ParallelFor(pool, (y_size ? y->element_count() / y_size : 0) * split, part);
   return ffi::Error::Success();
 }
 

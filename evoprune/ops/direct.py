@@ -132,7 +132,7 @@ def weight_grad(x: jax.Array, g: jax.Array, window: tuple[int, int],
     raise RuntimeError("evoprune.ops.direct: the C++ kernels are not available (built "
                        "without a working C++ compiler, or EVOPRUNE_KERNELS=0)")
   out = jax.ShapeDtypeStruct((*window, x.shape[-1], g.shape[-1]), jnp.float32)
-  call = jax.ffi.ffi_call(_WEIGHT_GRAD, out, vmap_method="broadcast_all")
+  call = jax.ffi.ffi_call(_WEIGHT_GRAD, out, vmap_method="expand_dims")
   return call(x, g, sh=np.int64(strides[0]), sw=np.int64(strides[1]),
               lo_h=np.int64(padding[0][0]), lo_w=np.int64(padding[1][0]),
               threaded=bool(threaded))
@@ -148,5 +148,5 @@ def forward(x: jax.Array, kernel: jax.Array, padding: tuple[tuple[int, int], ...
   (kh, kw), ((lo_h, hi_h), (lo_w, hi_w)) = kernel.shape[:2], padding
   out_hw = (x.shape[1] + lo_h + hi_h - kh + 1, x.shape[2] + lo_w + hi_w - kw + 1)
   out = jax.ShapeDtypeStruct((x.shape[0], *out_hw, kernel.shape[-1]), jnp.float32)
-  call = jax.ffi.ffi_call(_FORWARD, out, vmap_method="broadcast_all")
+  call = jax.ffi.ffi_call(_FORWARD, out, vmap_method="expand_dims")
   return call(x, kernel, lo_h=np.int64(lo_h), lo_w=np.int64(lo_w), threaded=bool(threaded))
