@@ -10,6 +10,7 @@ import tempfile
 from absl.testing import absltest
 
 from benchmarks import step_profile
+from evoprune.ops import direct
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 
@@ -61,11 +62,16 @@ ENTRY %main (p: f32[2,4,4,3], k: f32[3,3,3,8]) -> f32[2,4,4,8] {
                                 "ms"})
       self.assertGreater(o["count"], 0)
       self.assertNotIn(o["opcode"], {"while", "call", "conditional"})
-    # LeNet-5's two convolutions: each one's forward pass and weight gradient is an XLA
-    # convolution (the second one's input gradient is a matmul, the first needs none).
+    # LeNet-5's two convolutions: the first one's forward pass and weight gradient are XLA
+    # convolutions (6 outputs), the second one's evoprune's C++ kernels where they are
+    # built (16 outputs; its input gradient is a matmul, the first needs none).
     convolutions = [o for o in ops if o["opcode"] == "convolution"]
-    self.assertEqual(sum(o["count"] for o in convolutions), 4)
+    kernels = [o for o in ops if o["opcode"] == "custom-call"]
+    built = 2 if direct.available() else 0
+    self.assertEqual(sum(o["count"] for o in convolutions), 4 - built)
+    self.assertEqual(sum(o["count"] for o in kernels), built)
     self.assertTrue(all(o["ms"] > 0 and o["window"] for o in convolutions))
+    self.assertTrue(all(o["ms"] > 0 for o in kernels))
     self.assertIn("lenet5:", proc.stdout)
 
 
