@@ -134,10 +134,12 @@ def describe(backend: str | None = None) -> str:
   """What `impl='auto'` runs on `backend` (default: JAX's default backend)."""
   if _staged(backend) == "xla":
     return "xla (lax.conv_general_dilated, reduce_window max pool)"
-  kernel = ("evoprune's C++ kernel (float32, C_out % 16 == 0; else " if direct.available()
-            else "(C++ kernel not built: ")
-  return ("cpu (conv: XLA forward/input grad (Eigen in training programs), weight grad "
-          f"{kernel}a canonical conv (stride 1) or chunked im2col matmuls (strided)), "
+  kernels = ("stride-1 forward/input grad and all weight grads of dense k x k convs in "
+             "evoprune's C++ kernels "
+             "(float32, C_out % 16 == 0); otherwise " if direct.available()
+             else "(C++ kernels not built) ")
+  return (f"cpu (conv: {kernels}XLA forward/input grad (Eigen in training programs), "
+          "weight grad as a canonical conv (stride 1) or chunked im2col matmuls (strided), "
           "few-channel "
           "stride-1 convs on the space-to-depth input; 1x1 as matmul; depthwise as "
           "shifted multiply-adds; max pool: max of strided views, first-max grad; batch "
