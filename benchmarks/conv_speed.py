@@ -2,6 +2,7 @@ r"""ResNet-20's convolutions, pass by pass, against PyTorch's (oneDNN on CPU), s
 
   python -m benchmarks.conv_speed [--out=conv_speed.json] [--layers=...] [--smoke]
   taskset -c 1 python -m benchmarks.conv_speed   # one core each (PyTorch follows affinity)
+  python -m benchmarks.conv_speed --xla_forms    # also evoprune without its C++ kernels
 
 Where `training_speed`'s ResNet-20 ratio comes from. For each distinct 3x3 convolution of
 ResNet-20 (batch 128, CIFAR-shaped; padding 1 as in both models), the three passes of a
@@ -13,11 +14,14 @@ All passes alternate in blocks (`side_by_side.alternate`), so both frameworks se
 same load; each figure is the median ms per call. The stem's input gradient is not timed
 (neither framework computes it in training). `step` sums each pass times its count in
 ResNet-20 (e.g. six 16 -> 16 convolutions): the convolutions' share of one train step.
+With `--xla_forms`, evoprune's passes are also timed as traced within
+`ep.ops.direct.disabled()` (the XLA formulations instead of the C++ kernels), in the
+same alternation.
 
-JSON: {"<layer>": {"count", "jax_ms", "torch_ms", "jax_over_torch"}, "step": {...}} where
-`jax_ms`, `torch_ms` and `jax_over_torch` map each pass ("forward", "input_grad",
-"weight_grad") to a figure (null where not timed; `torch_ms` and `jax_over_torch` are
-null without PyTorch).
+JSON: {"<layer>": {"count", "jax_ms", "torch_ms", "jax_over_torch", "xla_forms_ms",
+"jax_over_xla_forms"}, "step": {...}} where each figure maps each pass ("forward",
+"input_grad", "weight_grad") to a number (null where not timed; the torch fields are null
+without PyTorch, the xla_forms ones without `--xla_forms`).
 """
 
 import functools
@@ -32,6 +36,7 @@ import numpy as np
 
 import evoprune as ep
 from benchmarks import side_by_side
+from evoprune.ops import direct
 
 # name: (input height = width, C_in, C_out, stride, count in ResNet-20)
 LAYERS = {
@@ -48,13 +53,16 @@ _OUT = flags.DEFINE_string("out", "", "Write the results as JSON to this file.")
 _SMOKE = flags.DEFINE_bool("smoke", False, "Few repetitions (a quick check, not a measure).")
 _LAYERS = flags.DEFINE_list("layers", list(LAYERS), "Layers to measure.")
 _ROUNDS = flags.DEFINE_integer("rounds", 5, "Alternating rounds of 3 timed calls per pass.")
+_XLA_FORMS = flags.DEFINE_bool("xla_forms", False,
+                               "Also time evoprune's passes without its C++ kernels.")
 flags.register_validator("layers", lambda names: set(names) <= LAYERS.keys(),
                          f"--layers names layers from {list(LAYERS)}, comma-separated.")
 
 
 def jax_passes(x: np.ndarray, kernel: np.ndarray, g: np.ndarray, stride: int
                ) -> dict[str, Callable[[], None]]:
-  """evoprune's forward, input-gradient and weight-gradient calls on NHWC / HWIO arrays."""
+  """evoprune's forward, input-gradient and weight-gradient calls on NHWC / HWIO arrays,
+  compiled now (so under whatever context the caller is in)."""
   conv = functools.partial(ep.ops.conv, strides=(stride, stride), padding=((1, 1), (1, 1)))
   x, kernel, g = jnp.asarray(x), jnp.asarray(kernel), jnp.asarray(g)
   programs = {
@@ -64,8 +72,9 @@ def jax_passes(x: np.ndarray, kernel: np.ndarray, g: np.ndarray, stride: int
       "weight_grad": (ep.ops.jit(lambda x, k, g: jax.vjp(lambda k: conv(x, k), k)[1](g)[0]),
                       (x, kernel, g)),
   }
+  compiled = {name: (f.lower(*args).compile(), args) for name, (f, args) in programs.items()}
   return {name: functools.partial(lambda f, args: jax.block_until_ready(f(*args)), f, args)
-          for name, (f, args) in programs.items()}
+          for name, (f, args) in compiled.items()}
 
 
 def torch_passes(x: np.ndarray, kernel: np.ndarray, g: np.ndarray, stride: int
@@ -91,8 +100,10 @@ def torch_passes(x: np.ndarray, kernel: np.ndarray, g: np.ndarray, stride: int
           "weight_grad": backward([False, True, False])}
 
 
-def measure(name: str, rounds: int, block: int = 3, warmup: int = 2) -> dict[str, Any]:
-  """Median ms per call of each pass of layer `name` in both frameworks, and their ratios."""
+def measure(name: str, rounds: int, block: int = 3, warmup: int = 2,
+            xla_forms: bool = False) -> dict[str, Any]:
+  """Median ms per call of each pass of layer `name` in both frameworks (and, with
+  `xla_forms`, evoprune without its kernels), and their ratios."""
   hw, c_in, c_out, stride, count = LAYERS[name]
   rng = np.random.default_rng(0)
   batch = side_by_side.BATCH_SIZE
@@ -102,6 +113,10 @@ def measure(name: str, rounds: int, block: int = 3, warmup: int = 2) -> dict[str
   # Nobody needs the gradient of the images.
   passes = ("forward", "weight_grad") if name == "stem" else PASSES
   calls = {("jax", p): f for p, f in jax_passes(x, kernel, g, stride).items() if p in passes}
+  if xla_forms:
+    with direct.disabled():
+      calls.update({("xla_forms", p): f for p, f in jax_passes(x, kernel, g, stride).items()
+                    if p in passes})
   try:
     calls.update({("torch", p): f for p, f in torch_passes(x, kernel, g, stride).items()
                   if p in passes})
@@ -109,14 +124,18 @@ def measure(name: str, rounds: int, block: int = 3, warmup: int = 2) -> dict[str
     pass
   times = side_by_side.alternate(calls, rounds, block, warmup)
   result = {"count": count, "jax_ms": dict.fromkeys(PASSES), "torch_ms": None,
-            "jax_over_torch": None}
+            "jax_over_torch": None, "xla_forms_ms": None, "jax_over_xla_forms": None}
+  if xla_forms:
+    result["xla_forms_ms"] = dict.fromkeys(PASSES)
+    result["jax_over_xla_forms"] = dict.fromkeys(PASSES)
   if ("torch", "forward") in times:
     result["torch_ms"], result["jax_over_torch"] = dict.fromkeys(PASSES), dict.fromkeys(PASSES)
   for (framework, p), t in times.items():
     result[f"{framework}_ms"][p] = float(1e3 * np.median(t))
-  if result["torch_ms"] is not None:
-    for p in passes:
-      result["jax_over_torch"][p] = result["jax_ms"][p] / result["torch_ms"][p]
+  for other in ("torch", "xla_forms"):
+    if result[f"{other}_ms"] is not None:
+      for p in passes:
+        result[f"jax_over_{other}"][p] = result["jax_ms"][p] / result[f"{other}_ms"][p]
   return result
 
 
@@ -137,7 +156,8 @@ def main(argv):
   print(f"{'layer':<8} {'shape':<22} {'count':>5}  "
         + "  ".join(f"{p + ' jax/torch ms':>26}" for p in PASSES))
   for name in _LAYERS.value:
-    r = measure(name, rounds, block=1 if _SMOKE.value else 3, warmup=1 if _SMOKE.value else 2)
+    r = measure(name, rounds, block=1 if _SMOKE.value else 3, warmup=1 if _SMOKE.value else 2,
+                xla_forms=_XLA_FORMS.value)
     results[name] = r
     hw, c_in, c_out, stride, count = LAYERS[name]
     cells = []
@@ -150,8 +170,18 @@ def main(argv):
     shape = f"{c_in}->{c_out} s{stride} at {hw}x{hw}"
     print(f"{name:<8} {shape:<22} {count:>5}  " + "  ".join(f"{c:>26}" for c in cells),
           flush=True)
+    if r["xla_forms_ms"] is not None:
+      print(f"{'':<8} {'without C++ kernels':<22} {'':>5}  " + "  ".join(
+          f"{'-':>26}" if r["xla_forms_ms"][p] is None else
+          f"{r['xla_forms_ms'][p]:>20.2f} ({r['jax_over_xla_forms'][p]:.2f})" for p in PASSES))
   step = {"count": 1, "jax_ms": step_total(results, "jax"),
-          "torch_ms": step_total(results, "torch"), "jax_over_torch": None}
+          "torch_ms": step_total(results, "torch"), "jax_over_torch": None,
+          "xla_forms_ms": step_total(results, "xla_forms"), "jax_over_xla_forms": None}
+  if step["xla_forms_ms"] is not None:
+    step["jax_over_xla_forms"] = {p: step["jax_ms"][p] / step["xla_forms_ms"][p]
+                                  for p in PASSES}
+    print("per step without the C++ kernels (x count): " + ", ".join(
+        f"{p} {step['xla_forms_ms'][p]:.1f} ms" for p in PASSES))
   if step["torch_ms"] is not None:
     step["jax_over_torch"] = {p: step["jax_ms"][p] / step["torch_ms"][p] for p in PASSES}
     total = sum(step["jax_ms"].values()) / sum(step["torch_ms"].values())

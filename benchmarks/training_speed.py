@@ -24,17 +24,21 @@ another process takes one of its cores. Ratios on two busy cores say more about 
 scheduler than about either framework.
 
 JSON: {"<model>": {"jax_ms", "torch_ms", "jax_over_torch", "round_ratios", "impl",
-"plain_ms", "plain_over_jax", "cpu_ms", "cpu_over_jax"}} where `round_ratios` are the
+"plain_ms", "plain_over_jax", "cpu_ms", "cpu_over_jax", "xla_forms_ms",
+"xla_forms_over_jax"}} where `round_ratios` are the
 ratios of each round's medians (the spread behind `jax_over_torch`; printed as a range),
 `impl` says which convolution / pooling implementation evoprune used (see `evoprune.ops`),
 with `--plain_ops` `plain_ms` is evoprune's step with the plain XLA ops on every backend
 (`ops.use('xla')`, as `EVOPRUNE_OPS=xla`) and `plain_over_jax` its ratio to the default
 step, and with `--cpu_ops` `cpu_ms` and `cpu_over_jax` the same for the CPU formulations
 on every backend (`ops.use('cpu')`): on a GPU or TPU, whether the plain ops that evoprune
-stages there by default are the faster. Each is timed in the same alternating rounds, and
+stages there by default are the faster; with `--xla_forms` `xla_forms_ms` and
+`xla_forms_over_jax` the same for the CPU formulations without evoprune's C++ kernels
+(`ep.ops.direct.disabled()`, as `EVOPRUNE_KERNELS=0`). Each is timed in the same alternating rounds, and
 null without its flag.
 """
 
+import contextlib
 import json
 from typing import Any, Callable
 
@@ -45,6 +49,7 @@ import numpy as np
 
 import evoprune as ep
 from evoprune import training
+from evoprune.ops import direct
 from benchmarks.side_by_side import (INPUT_SHAPES, alternate, example_batch, machine,
                                      torch_device, train_epoch)
 
@@ -66,6 +71,11 @@ _CPU_OPS = flags.DEFINE_bool(
     "Also time evoprune's step with the CPU formulations on every backend (as "
     "EVOPRUNE_OPS=cpu), in the same rounds: on a GPU or TPU, whether the plain XLA ops that "
     "evoprune stages there are the faster (on CPU it is the default step again).")
+
+_XLA_FORMS = flags.DEFINE_bool(
+    "xla_forms", False,
+    "Also time evoprune's step without its C++ convolution kernels (as EVOPRUNE_KERNELS=0), "
+    "in the same rounds: what the kernels gain on this machine.")
 
 flags.register_validator(
     "models", lambda names: set(names) <= INPUT_SHAPES.keys(),
@@ -166,16 +176,18 @@ def torch_step(name: str, x: np.ndarray, y: np.ndarray) -> Callable[[], None]:
 
 
 def jax_step(name: str, x: np.ndarray, y: np.ndarray, steps: int = STEPS_PER_CALL,
-             ops: str = "auto") -> Callable[[], None]:
+             ops: str = "auto", kernels: bool = True) -> Callable[[], None]:
   """`steps` of evoprune's train step on a fixed batch, as `fit` runs them.
 
   One call of the compiled `training.make_train_epoch` program (a `lax.scan` over the
   steps, state donated): how `training.fit` trains, so the per-step time has no Python
   dispatch in it, as it has none in a real run. `ops`: the program is made within
   `ep.ops.use(ops)` ('xla': the plain XLA ops and XLA's default compiler options; 'cpu':
-  the CPU formulations, on every backend).
+  the CPU formulations, on every backend). `kernels=False`: made within
+  `ep.ops.direct.disabled()`.
   """
-  train_steps, (state, x, y, batches) = train_epoch(name, x, y, steps, ops)
+  with contextlib.nullcontext() if kernels else direct.disabled():
+    train_steps, (state, x, y, batches) = train_epoch(name, x, y, steps, ops)
   box = [state]
 
   def run():
@@ -186,11 +198,13 @@ def jax_step(name: str, x: np.ndarray, y: np.ndarray, steps: int = STEPS_PER_CAL
 
 
 def measure(name: str, rounds: int, block: int = 3, warmup: int = 2, plain: bool = False,
-            cpu: bool = False, steps_per_call: int = STEPS_PER_CALL) -> dict[str, Any]:
+            cpu: bool = False, steps_per_call: int = STEPS_PER_CALL,
+            xla_forms: bool = False) -> dict[str, Any]:
   """Median ms per step of both frameworks, the ratio of the medians (jax/torch), and the
   ratio of each round's medians (its spread); with `plain` (`cpu`), also evoprune's step
   with the plain XLA ops (the CPU formulations) on every backend, `plain_ms` (`cpu_ms`), and
-  its ratio to the default step, `plain_over_jax` (`cpu_over_jax`).
+  its ratio to the default step, `plain_over_jax` (`cpu_over_jax`); with `xla_forms`, the
+  step without the C++ kernels, `xla_forms_ms` and `xla_forms_over_jax`.
 
   The two frameworks alternate in blocks of `block` calls, `rounds` times (`alternate`);
   evoprune's calls run `steps_per_call` steps each.
@@ -201,6 +215,8 @@ def measure(name: str, rounds: int, block: int = 3, warmup: int = 2, plain: bool
     steps["plain"] = jax_step(name, x, y, steps_per_call, ops="xla")
   if cpu:
     steps["cpu"] = jax_step(name, x, y, steps_per_call, ops="cpu")
+  if xla_forms:
+    steps["xla_forms"] = jax_step(name, x, y, steps_per_call, kernels=False)
   try:
     steps["torch"] = torch_step(name, x, y)
   except ImportError:
@@ -211,8 +227,9 @@ def measure(name: str, rounds: int, block: int = 3, warmup: int = 2, plain: bool
             for key, t in times.items()}
   result = {"jax_ms": float(np.median(blocks["jax"])), "torch_ms": None,
             "jax_over_torch": None, "round_ratios": None, "impl": ep.ops.describe(),
-            "plain_ms": None, "plain_over_jax": None, "cpu_ms": None, "cpu_over_jax": None}
-  for key in ("plain", "cpu"):
+            "plain_ms": None, "plain_over_jax": None, "cpu_ms": None, "cpu_over_jax": None,
+            "xla_forms_ms": None, "xla_forms_over_jax": None}
+  for key in ("plain", "cpu", "xla_forms"):
     if key in blocks:
       result[f"{key}_ms"] = float(np.median(blocks[key]))
       result[f"{key}_over_jax"] = result[f"{key}_ms"] / result["jax_ms"]
@@ -236,13 +253,14 @@ def main(argv):
   rounds = 1 if _SMOKE.value else _ROUNDS.value
   results = {}
   print(f"evoprune ops: {ep.ops.describe()}")
-  extra = [key for key, flag in (("plain", _PLAIN_OPS), ("cpu", _CPU_OPS)) if flag.value]
+  extra = [key for key, flag in (("plain", _PLAIN_OPS), ("cpu", _CPU_OPS),
+                                 ("xla_forms", _XLA_FORMS)) if flag.value]
   columns = "".join(f" {key + '/jax':>10}" for key in extra)
   print(f"{'model':<14} {'jax ms':>9} {'torch ms':>9} {'jax/torch':>10}{columns}  per round")
   for name in _MODELS.value:
     r = measure(name, rounds, block=1 if _SMOKE.value else 3, warmup=1 if _SMOKE.value else 2,
                 steps_per_call=2 if _SMOKE.value else STEPS_PER_CALL,
-                plain=_PLAIN_OPS.value, cpu=_CPU_OPS.value)
+                plain=_PLAIN_OPS.value, cpu=_CPU_OPS.value, xla_forms=_XLA_FORMS.value)
     results[name] = r
     torch_ms = "-" if r["torch_ms"] is None else f"{r['torch_ms']:.2f}"
     ratio = "-" if r["jax_over_torch"] is None else f"{r['jax_over_torch']:.3f}"

@@ -21,7 +21,7 @@ class ConvSpeedBenchmarkTest(absltest.TestCase):
       out = pathlib.Path(tmp) / "conv.json"
       proc = subprocess.run(
           [sys.executable, "-m", "benchmarks.conv_speed", "--smoke", "--layers=stem,stage3",
-           f"--out={out}"],
+           "--xla_forms", f"--out={out}"],
           cwd=REPO, capture_output=True, text=True, timeout=300,
           env=dict(os.environ, JAX_PLATFORMS="cpu"))
       self.assertEqual(proc.returncode, 0, proc.stderr[-3000:])
@@ -31,7 +31,8 @@ class ConvSpeedBenchmarkTest(absltest.TestCase):
     self.assertEqual((results["stem"]["count"], results["stage3"]["count"]), (1, 5))
     for name in ("stem", "stage3"):
       r = results[name]
-      self.assertEqual(set(r), {"count", "jax_ms", "torch_ms", "jax_over_torch"})
+      self.assertEqual(set(r), {"count", "jax_ms", "torch_ms", "jax_over_torch",
+                                "xla_forms_ms", "jax_over_xla_forms"})
       self.assertEqual(set(r["jax_ms"]), PASSES)
       timed = PASSES - {"input_grad"} if name == "stem" else PASSES  # no image gradient
       for p in PASSES:
@@ -39,6 +40,10 @@ class ConvSpeedBenchmarkTest(absltest.TestCase):
           self.assertGreater(r["jax_ms"][p], 0)
         else:
           self.assertIsNone(r["jax_ms"][p])
+      for p in timed:  # --xla_forms: evoprune without its C++ kernels, side by side
+        self.assertGreater(r["xla_forms_ms"][p], 0)
+        self.assertAlmostEqual(r["jax_over_xla_forms"][p],
+                               r["jax_ms"][p] / r["xla_forms_ms"][p])
       if has_torch:
         for p in timed:
           self.assertAlmostEqual(r["jax_over_torch"][p], r["jax_ms"][p] / r["torch_ms"][p])

@@ -20,7 +20,7 @@ class TrainingSpeedBenchmarkTest(absltest.TestCase):
       out = pathlib.Path(tmp) / "speed.json"
       proc = subprocess.run(
           [sys.executable, "-m", "benchmarks.training_speed", "--smoke",
-           "--models=lenet300_100,lenet5", "--plain_ops", "--cpu_ops",
+           "--models=lenet300_100,lenet5", "--plain_ops", "--cpu_ops", "--xla_forms",
            f"--out={out}"],
           cwd=REPO, capture_output=True, text=True, timeout=600,
           # Unoptimised XLA compiles several times faster; the smoke run checks the outputs.
@@ -31,9 +31,10 @@ class TrainingSpeedBenchmarkTest(absltest.TestCase):
     has_torch = importlib.util.find_spec("torch") is not None
     for r in results.values():
       self.assertEqual(set(r), {"jax_ms", "torch_ms", "jax_over_torch", "round_ratios", "impl",
-                                "plain_ms", "plain_over_jax", "cpu_ms", "cpu_over_jax"})
+                                "plain_ms", "plain_over_jax", "cpu_ms", "cpu_over_jax",
+                                "xla_forms_ms", "xla_forms_over_jax"})
       self.assertGreater(r["jax_ms"], 0)
-      for key in ("plain", "cpu"):  # --plain_ops, --cpu_ops
+      for key in ("plain", "cpu", "xla_forms"):  # --plain_ops, --cpu_ops, --xla_forms
         self.assertGreater(r[f"{key}_ms"], 0)
         self.assertAlmostEqual(r[f"{key}_over_jax"], r[f"{key}_ms"] / r["jax_ms"])
       self.assertTrue(r["impl"].startswith("cpu"))

@@ -180,6 +180,26 @@ class ConvolutionUsesTheKernelTest(_KernelsFixture):
     self.assertNotIn(direct._WEIGHT_GRAD, exported.mlir_module())
     self.assertNotIn(direct._FORWARD, exported.mlir_module())
 
+  def test_disabled_for_what_is_traced_inside(self):
+    x, k = _random((2, 8, 8, 16), 0), _random((3, 3, 16, 16), 1)
+    with direct.disabled():
+      self.assertFalse(direct.handles(jnp.float32, 16))
+      off = self._grad(x, k, (1, 1), "SAME").lower(k, x).as_text()
+    self.assertTrue(direct.handles(jnp.float32, 16))
+    on = self._grad(x, k, (1, 1), "SAME").lower(k, x).as_text()
+    self.assertNotIn(direct._WEIGHT_GRAD, off)
+    self.assertIn(direct._WEIGHT_GRAD, on)
+
+  def test_ops_jit_binds_the_choice_when_made(self):
+    x, k = _random((2, 8, 8, 16), 0), _random((3, 3, 16, 16), 1)
+    conv = lambda x, k: ops.conv(x, k, (1, 1), "SAME", impl="cpu")
+    with direct.disabled():
+      made_off = ops.jit(conv)
+    made_on = ops.jit(conv)
+    with direct.disabled():  # traced here, made outside: kernels
+      self.assertIn(direct._FORWARD, made_on.lower(x, k).as_text())
+    self.assertNotIn(direct._FORWARD, made_off.lower(x, k).as_text())
+
   def test_turned_off_by_the_environment(self):
     x, k = _random((2, 8, 8, 16), 0), _random((3, 3, 16, 16), 1)
     with mock.patch.dict(os.environ, {"EVOPRUNE_KERNELS": "0"}):

@@ -16,9 +16,12 @@ the 2-core AVX-512 AMD EPYC, ms, XLA form (transposes included) -> this:
 The library is compiled once per source, compiler, jaxlib and CPU (`-march=native`) into
 `$EVOPRUNE_CACHE_DIR` (default `~/.cache/evoprune`); where no compiler works, `available()`
 is False and the convolutions keep their XLA formulation (one warning says why).
-`EVOPRUNE_KERNELS=0` turns the kernels off. The compiler is `$CXX`, else `c++`.
+`EVOPRUNE_KERNELS=0` turns the kernels off for the process, `disabled()` for what is traced
+inside it. The compiler is `$CXX`, else `c++`.
 """
 
+import contextlib
+import contextvars
 import ctypes
 import functools
 import hashlib
@@ -39,6 +42,8 @@ _FORWARD = "evoprune_conv_forward"
 # Output channels per register block in direct.cc.
 LANES = 16
 _FLAGS = ("-O3", "-march=native", "-std=c++17", "-shared", "-fPIC")
+# Set by `disabled()`.
+_DISABLED = contextvars.ContextVar("evoprune_kernels_disabled", default=False)
 
 
 def _cache_dir() -> pathlib.Path:
@@ -102,12 +107,28 @@ def available() -> bool:
   return _library() is not None
 
 
+@contextlib.contextmanager
+def disabled():
+  """Within this context, convolutions traced use their XLA forms instead of the kernels
+  (`handles()` is False): to time both side by side in one process."""
+  token = _DISABLED.set(True)
+  try:
+    yield
+  finally:
+    _DISABLED.reset(token)
+
+
+def is_disabled() -> bool:
+  """Whether this is within `disabled()`."""
+  return _DISABLED.get()
+
+
 def handles(dtype, c_out: int) -> bool:
   """Whether `forward` and `weight_grad` take a convolution with these operands' dtype and
   C_out outputs: float32, C_out % 16 == 0, on a machine whose default backend is the CPU
   (elsewhere the programs run on the accelerator, so the kernels are not built)."""
-  return (dtype == jnp.float32 and c_out % LANES == 0 and jax.default_backend() == "cpu"
-          and available())
+  return (dtype == jnp.float32 and c_out % LANES == 0 and not _DISABLED.get()
+          and jax.default_backend() == "cpu" and available())
 
 
 def weight_grad(x: jax.Array, g: jax.Array, window: tuple[int, int],

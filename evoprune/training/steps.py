@@ -20,6 +20,7 @@ import optax
 from evoprune import models
 from evoprune import ops
 from evoprune import parallel
+from evoprune.ops import direct
 from evoprune.types import Params
 
 
@@ -206,14 +207,15 @@ def _epoch_fn(model: nn.Module, tx: optax.GradientTransformation, label_smoothin
 
 def _memoized(maker: Callable) -> Callable:
   """`functools.lru_cache(maxsize=64)` of a program maker, keyed also on the ops mode
-  (`ops.mode()`): the programs are made with `ops.jit`, which binds the mode, so one made
-  under `ops.use('xla')` is not handed out outside it."""
+  (`ops.mode()`) and on whether the C++ kernels are disabled (`ops.direct.disabled()`): the
+  programs are made with `ops.jit`, which binds both, so one made under `ops.use('xla')` is
+  not handed out outside it."""
   cached = functools.lru_cache(maxsize=64)(
-      lambda mode, args, kwargs: maker(*args, **dict(kwargs)))
+      lambda mode, kernels_off, args, kwargs: maker(*args, **dict(kwargs)))
 
   @functools.wraps(maker)
   def make(*args, **kwargs):
-    return cached(ops.mode(), args, tuple(sorted(kwargs.items())))
+    return cached(ops.mode(), direct.is_disabled(), args, tuple(sorted(kwargs.items())))
 
   return make
 
