@@ -15,7 +15,7 @@ same load; each figure is the median ms per call. The stem's input gradient is n
 (neither framework computes it in training). `step` sums each pass times its count in
 ResNet-20 (e.g. six 16 -> 16 convolutions): the convolutions' share of one train step.
 With `--xla_forms`, evoprune's passes are also timed as traced within
-`ep.ops.direct.disabled()` (the XLA formulations instead of the C++ kernels), in the
+`ep.ops.direct.use_kernels(False)` (the XLA formulations instead of the C++ kernels), in the
 same alternation.
 
 JSON: {"<layer>": {"count", "jax_ms", "torch_ms", "jax_over_torch", "xla_forms_ms",
@@ -114,7 +114,7 @@ def measure(name: str, rounds: int, block: int = 3, warmup: int = 2,
   passes = ("forward", "weight_grad") if name == "stem" else PASSES
   calls = {("jax", p): f for p, f in jax_passes(x, kernel, g, stride).items() if p in passes}
   if xla_forms:
-    with direct.disabled():
+    with direct.use_kernels(False):
       calls.update({("xla_forms", p): f for p, f in jax_passes(x, kernel, g, stride).items()
                     if p in passes})
   try:

@@ -34,11 +34,10 @@ step, and with `--cpu_ops` `cpu_ms` and `cpu_over_jax` the same for the CPU form
 on every backend (`ops.use('cpu')`): on a GPU or TPU, whether the plain ops that evoprune
 stages there by default are the faster; with `--xla_forms` `xla_forms_ms` and
 `xla_forms_over_jax` the same for the CPU formulations without evoprune's C++ kernels
-(`ep.ops.direct.disabled()`, as `EVOPRUNE_KERNELS=0`). Each is timed in the same alternating rounds, and
+(`ep.ops.direct.use_kernels(False)`, as `EVOPRUNE_KERNELS=0`). Each is timed in the same alternating rounds, and
 null without its flag.
 """
 
-import contextlib
 import json
 from typing import Any, Callable
 
@@ -184,9 +183,9 @@ def jax_step(name: str, x: np.ndarray, y: np.ndarray, steps: int = STEPS_PER_CAL
   dispatch in it, as it has none in a real run. `ops`: the program is made within
   `ep.ops.use(ops)` ('xla': the plain XLA ops and XLA's default compiler options; 'cpu':
   the CPU formulations, on every backend). `kernels=False`: made within
-  `ep.ops.direct.disabled()`.
+  `ep.ops.direct.use_kernels(False)`.
   """
-  with contextlib.nullcontext() if kernels else direct.disabled():
+  with direct.use_kernels(kernels):
     train_steps, (state, x, y, batches) = train_epoch(name, x, y, steps, ops)
   box = [state]
 

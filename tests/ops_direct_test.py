@@ -182,7 +182,7 @@ class ConvolutionUsesTheKernelTest(_KernelsFixture):
 
   def test_disabled_for_what_is_traced_inside(self):
     x, k = _random((2, 8, 8, 16), 0), _random((3, 3, 16, 16), 1)
-    with direct.disabled():
+    with direct.use_kernels(False):
       self.assertFalse(direct.handles(jnp.float32, 16))
       off = self._grad(x, k, (1, 1), "SAME").lower(k, x).as_text()
     self.assertTrue(direct.handles(jnp.float32, 16))
@@ -193,10 +193,10 @@ class ConvolutionUsesTheKernelTest(_KernelsFixture):
   def test_ops_jit_binds_the_choice_when_made(self):
     x, k = _random((2, 8, 8, 16), 0), _random((3, 3, 16, 16), 1)
     conv = lambda x, k: ops.conv(x, k, (1, 1), "SAME", impl="cpu")
-    with direct.disabled():
+    with direct.use_kernels(False):
       made_off = ops.jit(conv)
     made_on = ops.jit(conv)
-    with direct.disabled():  # traced here, made outside: kernels
+    with direct.use_kernels(False):  # traced here, made outside: kernels
       self.assertIn(direct._FORWARD, made_on.lower(x, k).as_text())
     self.assertNotIn(direct._FORWARD, made_off.lower(x, k).as_text())
 

@@ -73,13 +73,13 @@ def use(impl: str):
 
 def jit(fn, **jit_kwargs):
   """`jax.jit(fn, compiler_options=compiler_options(), **jit_kwargs)`, traced under the ops
-  mode in effect now (`mode()`, and `direct.disabled()` if in effect) whenever it is traced,
+  mode in effect now (`mode()`, and `direct.uses_kernels()`) whenever it is traced,
   so a program made within `use()` keeps its ops outside it (and the other way round)."""
-  staged, kernels_off = mode(), direct.is_disabled()
+  staged, kernels = mode(), direct.uses_kernels()
 
   @functools.wraps(fn)
   def bound(*args, **kwargs):
-    with use(staged), direct.disabled() if kernels_off else contextlib.nullcontext():
+    with use(staged), direct.use_kernels(kernels):
       return fn(*args, **kwargs)
 
   return jax.jit(bound, compiler_options=compiler_options(), **jit_kwargs)

@@ -16,8 +16,8 @@ the 2-core AVX-512 AMD EPYC, ms, XLA form (transposes included) -> this:
 The library is compiled once per source, compiler, jaxlib and CPU (`-march=native`) into
 `$EVOPRUNE_CACHE_DIR` (default `~/.cache/evoprune`); where no compiler works, `available()`
 is False and the convolutions keep their XLA formulation (one warning says why).
-`EVOPRUNE_KERNELS=0` turns the kernels off for the process, `disabled()` for what is traced
-inside it. The compiler is `$CXX`, else `c++`.
+`EVOPRUNE_KERNELS=0` turns the kernels off for the process, `use_kernels(False)` for what
+is traced inside it. The compiler is `$CXX`, else `c++`.
 """
 
 import contextlib
@@ -42,8 +42,8 @@ _FORWARD = "evoprune_conv_forward"
 # Output channels per register block in direct.cc.
 LANES = 16
 _FLAGS = ("-O3", "-march=native", "-std=c++17", "-shared", "-fPIC")
-# Set by `disabled()`.
-_DISABLED = contextvars.ContextVar("evoprune_kernels_disabled", default=False)
+# Set by `use_kernels()`.
+_USE_KERNELS = contextvars.ContextVar("evoprune_use_kernels", default=True)
 
 
 def _cache_dir() -> pathlib.Path:
@@ -108,26 +108,27 @@ def available() -> bool:
 
 
 @contextlib.contextmanager
-def disabled():
-  """Within this context, convolutions traced use their XLA forms instead of the kernels
-  (`handles()` is False): to time both side by side in one process."""
-  token = _DISABLED.set(True)
+def use_kernels(enabled: bool):
+  """Within this context, convolutions traced use the kernels where they apply (True, the
+  default outside) or their XLA forms (False: `handles()` is False), e.g. to time both
+  side by side in one process. `ops.jit` binds the choice in effect when it is called."""
+  token = _USE_KERNELS.set(bool(enabled))
   try:
     yield
   finally:
-    _DISABLED.reset(token)
+    _USE_KERNELS.reset(token)
 
 
-def is_disabled() -> bool:
-  """Whether this is within `disabled()`."""
-  return _DISABLED.get()
+def uses_kernels() -> bool:
+  """What `use_kernels()` set here (True outside any)."""
+  return _USE_KERNELS.get()
 
 
 def handles(dtype, c_out: int) -> bool:
   """Whether `forward` and `weight_grad` take a convolution with these operands' dtype and
   C_out outputs: float32, C_out % 16 == 0, on a machine whose default backend is the CPU
   (elsewhere the programs run on the accelerator, so the kernels are not built)."""
-  return (dtype == jnp.float32 and c_out % LANES == 0 and not _DISABLED.get()
+  return (dtype == jnp.float32 and c_out % LANES == 0 and _USE_KERNELS.get()
           and jax.default_backend() == "cpu" and available())
 
 

@@ -207,15 +207,15 @@ def _epoch_fn(model: nn.Module, tx: optax.GradientTransformation, label_smoothin
 
 def _memoized(maker: Callable) -> Callable:
   """`functools.lru_cache(maxsize=64)` of a program maker, keyed also on the ops mode
-  (`ops.mode()`) and on whether the C++ kernels are disabled (`ops.direct.disabled()`): the
+  (`ops.mode()`) and on whether the C++ kernels are used (`ops.direct.use_kernels()`): the
   programs are made with `ops.jit`, which binds both, so one made under `ops.use('xla')` is
   not handed out outside it."""
   cached = functools.lru_cache(maxsize=64)(
-      lambda mode, kernels_off, args, kwargs: maker(*args, **dict(kwargs)))
+      lambda mode, kernels, args, kwargs: maker(*args, **dict(kwargs)))
 
   @functools.wraps(maker)
   def make(*args, **kwargs):
-    return cached(ops.mode(), direct.is_disabled(), args, tuple(sorted(kwargs.items())))
+    return cached(ops.mode(), direct.uses_kernels(), args, tuple(sorted(kwargs.items())))
 
   return make
 
