@@ -273,8 +273,11 @@ ffi::Error Forward(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Buffer<ff
   }
   const int64_t x_size = s.batch * s.h * s.w * s.c, y_size = s.batch * s.ho * s.wo * s.o;
   const int64_t k_size = s.kh * s.kw * s.c * s.o;
-  // Each part: a contiguous range of one batch element's images.
-  const int64_t split = threaded ? std::clamp<int64_t>(pool.num_threads(), 1, s.batch) : 1;
+  // Each part: a contiguous range of one batch element's images, 8 parts per thread: when
+  // a worker starts late (after idling), the others take its share part by part instead
+  // of all or nothing (ResNet-20's 16->16 forward, two cores, separate calls alternating
+  // with PyTorch's: 5.6 -> 3.7 ms).
+  const int64_t split = threaded ? std::clamp<int64_t>(8 * pool.num_threads(), 1, s.batch) : 1;
   const float* xp = x.typed_data();
   const float* kp = k.typed_data();
   float* yp = y->typed_data();
