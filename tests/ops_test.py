@@ -204,15 +204,21 @@ class ConvTest(parameterized.TestCase):
       ("squares", (3, 2, 6, 6, 4), (3, 3, 3, 4, 5), (1, 1)),
       ("pixel_pairs", (3, 2, 6, 7, 12), (3, 3, 3, 12, 10), (1, 1)),
       ("strided", (3, 2, 7, 8, 8), (3, 3, 3, 8, 12), (2, 2)),
+      # Through the C++ kernels where they are built (16 and 32 outputs).
+      ("kernels", (3, 2, 6, 6, 16), (3, 3, 3, 16, 16), (1, 1)),
+      ("kernels_strided", (3, 2, 7, 8, 16), (3, 3, 3, 16, 32), (2, 2)),
+      ("kernels_shared_input", (2, 6, 6, 16), (3, 3, 3, 16, 32), (1, 1)),
   )
   def test_vmap_over_a_seed_axis(self, x_shape, k_shape, strides):
     x, kernel = _random(x_shape, 4), _random(k_shape, 5)
+    in_axes = (0 if len(x_shape) == 5 else None, 0)  # 4-D x: one input for every seed
     conv = lambda x, k: ops.conv(x, k, strides, padding="SAME", impl="cpu")
-    loss = lambda x, k: jnp.sum(jnp.sin(jax.vmap(conv)(x, k)))
+    loss = lambda x, k: jnp.sum(jnp.sin(jax.vmap(conv, in_axes)(x, k)))
     ref = lambda x, k: jnp.sum(jnp.sin(jax.vmap(
-        lambda x, k: _reference_conv(x, k, strides, "SAME", 1))(x, k)))
-    for a, b in zip(jax.grad(loss, (0, 1))(x, kernel), jax.grad(ref, (0, 1))(x, kernel)):
-      _assert_close(self, a, b)
+        lambda x, k: _reference_conv(x, k, strides, "SAME", 1), in_axes)(x, k)))
+    for a, b in zip(jax.jit(jax.grad(loss, (0, 1)))(x, kernel),
+                    jax.grad(ref, (0, 1))(x, kernel)):
+      _assert_close(self, a, b, rtol=1e-5)
 
   def test_drop_in_passes_unsupported_convolutions_to_lax(self):
     x, kernel = _random((2, 7, 7, 4), 6), _random((3, 3, 2, 6), 7)
