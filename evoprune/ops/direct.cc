@@ -27,6 +27,8 @@ namespace ffi = xla::ffi;
 namespace {
 
 constexpr int64_t kLanes = 16;
+// The weight gradient sums the batch in this many fixed ranges of images (see WeightGrad).
+constexpr int64_t kBatchChunks = 4;
 typedef float Vec __attribute__((vector_size(kLanes * sizeof(float)), aligned(4)));
 
 struct Shape {
@@ -81,7 +83,7 @@ constexpr auto kAddImage = MakeTable(std::make_integer_sequence<int, kLanes>{});
 
 // Units [first, last) of one (x, g, dk) triple, image by image.
 void WeightGradUnits(const float* x, const float* g, float* dk, const Shape& s,
-                     int64_t first, int64_t last) {
+                     int64_t first, int64_t last, int64_t b0, int64_t b1) {
   const int64_t c_blocks = (s.c + kLanes - 1) / kLanes, o_blocks = s.o / kLanes;
   for (int64_t u = first; u < last; ++u) {  // zero this unit's slice of dk
     const int64_t tap = u / (c_blocks * o_blocks), cb = u / o_blocks % c_blocks;
@@ -89,7 +91,7 @@ void WeightGradUnits(const float* x, const float* g, float* dk, const Shape& s,
     float* out = dk + (tap * s.c + cb * kLanes) * s.o + ob * kLanes;
     for (int64_t r = 0; r < rows; ++r) std::memset(out + r * s.o, 0, sizeof(Vec));
   }
-  for (int64_t b = 0; b < s.batch; ++b) {
+  for (int64_t b = b0; b < b1; ++b) {
     for (int64_t u = first; u < last; ++u) {
       const int64_t tap = u / (c_blocks * o_blocks), cb = u / o_blocks % c_blocks;
       const int64_t ob = u % o_blocks, rows = std::min(kLanes, s.c - cb * kLanes);
@@ -167,18 +169,35 @@ ffi::Error WeightGrad(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x,
   const int64_t x_size = s.batch * s.h * s.w * s.c, g_size = s.batch * s.ho * s.wo * s.o;
   const int64_t k_size = s.kh * s.kw * s.c * s.o;
   const int64_t units = s.kh * s.kw * ((s.c + kLanes - 1) / kLanes) * (s.o / kLanes);
-  // Each part: a contiguous range of one batch element's units (parts never share one).
+  // Each part: a contiguous range of one batch element's units over one of `chunks`
+  // fixed ranges of images, whose sums it writes to the chunk's own copy of dk (the
+  // first chunk's is dk); the copies are then added in chunk order. Parts come in
+  // several per thread, so a worker that starts late still takes its share, and the sums
+  // do not depend on the thread count.
+  const int64_t chunks = std::clamp<int64_t>(s.batch, 1, kBatchChunks);
   const int64_t split = threaded ? std::clamp<int64_t>(pool.num_threads(), 1, units) : 1;
+  const int64_t blocks = k_size ? dk->element_count() / k_size : 0;
+  std::unique_ptr<float[]> partial(new float[blocks * (chunks - 1) * k_size]);
   const float* xp = x.typed_data();
   const float* gp = g.typed_data();
   float* kp = dk->typed_data();
+  float* pp = partial.get();
   auto part = [=](int64_t p) {
-    const int64_t l = p / split, q = p % split;
+    const int64_t l = p / (split * chunks), q = p / chunks % split, chunk = p % chunks;
+    float* out = chunk == 0 ? kp + l * k_size : pp + (l * (chunks - 1) + chunk - 1) * k_size;
     WeightGradUnits(xp + LeadingOffset(xd, kd, lead, x_size, l),
-                    gp + LeadingOffset(gd, kd, lead, g_size, l), kp + l * k_size, s,
-                    units * q / split, units * (q + 1) / split);
+                    gp + LeadingOffset(gd, kd, lead, g_size, l), out, s,
+                    units * q / split, units * (q + 1) / split, s.batch * chunk / chunks,
+                    s.batch * (chunk + 1) / chunks);
   };
-  ParallelFor(pool, (k_size ? dk->element_count() / k_size : 0) * split, part);
+  ParallelFor(pool, blocks * split * chunks, part);
+  for (int64_t l = 0; l < blocks; ++l) {
+    for (int64_t chunk = 1; chunk < chunks; ++chunk) {
+      const float* add = pp + (l * (chunks - 1) + chunk - 1) * k_size;
+      float* out = kp + l * k_size;
+      for (int64_t e = 0; e < k_size; ++e) out[e] += add[e];
+    }
+  }
   return ffi::Error::Success();
 }
 
