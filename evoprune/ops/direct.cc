@@ -4,9 +4,9 @@
 //   dk[i, j, c, o] = sum_{b, y, x} x[b, sh y + i - lo_h, sw x + j - lo_w, c] * g[b, y, x, o]
 // (taps outside x are zero padding). Each unit of work is one tap (i, j), a block of up
 // to 16 input channels and 16 output channels: 16 x 16 sums kept in 16 vector registers
-// over the whole batch, one image at a time so that the image's x and g stay in L2 while
-// every unit of a thread reads them. Each unit's sums are added in one fixed order, so
-// the result does not depend on the number of threads.
+// over a fixed range of images, one image at a time so that the image's x and g stay in
+// L2 while every unit of a thread reads them. Each unit's sums are added in one fixed
+// order, so the result does not depend on the number of threads.
 //
 // Vectors are GCC/Clang vector extensions: the compiler maps a 16-float vector to one
 // AVX-512 register, two AVX registers or four SSE registers (-march=native).
