@@ -39,6 +39,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from evoprune.ops.patches import output_size
+
 _SOURCE = pathlib.Path(__file__).with_name("direct.cc")
 _WEIGHT_GRAD = "evoprune_conv_weight_grad"
 _FORWARD = "evoprune_conv_forward"
@@ -110,6 +112,12 @@ def available() -> bool:
   return _library() is not None
 
 
+def _require_available():
+  if not available():
+    raise RuntimeError("evoprune.ops.direct: the C++ kernels are not available (built "
+                       "without a working C++ compiler, or EVOPRUNE_KERNELS=0)")
+
+
 @contextlib.contextmanager
 def use_kernels(enabled: bool):
   """Within this context, convolutions traced use the kernels where they apply (True, the
@@ -153,9 +161,7 @@ def weight_grad(x: jax.Array, g: jax.Array, window: tuple[int, int],
   Raises:
     RuntimeError: the kernels are not available (see `available()`).
   """
-  if not available():
-    raise RuntimeError("evoprune.ops.direct: the C++ kernels are not available (built "
-                       "without a working C++ compiler, or EVOPRUNE_KERNELS=0)")
+  _require_available()
   out = jax.ShapeDtypeStruct((*window, x.shape[-1], g.shape[-1]), jnp.float32)
   call = jax.ffi.ffi_call(_WEIGHT_GRAD, out, vmap_method="expand_dims")
   return call(x, g, sh=np.int64(strides[0]), sw=np.int64(strides[1]),
@@ -167,11 +173,9 @@ def forward(x: jax.Array, kernel: jax.Array, padding: tuple[tuple[int, int], ...
             threaded: bool = True) -> jax.Array:
   """A stride-1 dense convolution [B, H', W', C_out] of x [B, H, W, C_in] with kernel
   [kh, kw, C_in, C_out] (C_out a multiple of 16), on CPU only."""
-  if not available():
-    raise RuntimeError("evoprune.ops.direct: the C++ kernels are not available (built "
-                       "without a working C++ compiler, or EVOPRUNE_KERNELS=0)")
-  (kh, kw), ((lo_h, hi_h), (lo_w, hi_w)) = kernel.shape[:2], padding
-  out_hw = (x.shape[1] + lo_h + hi_h - kh + 1, x.shape[2] + lo_w + hi_w - kw + 1)
+  _require_available()
+  out_hw = output_size(x.shape, kernel.shape[:2], (1, 1), padding)
   out = jax.ShapeDtypeStruct((x.shape[0], *out_hw, kernel.shape[-1]), jnp.float32)
   call = jax.ffi.ffi_call(_FORWARD, out, vmap_method="expand_dims")
-  return call(x, kernel, lo_h=np.int64(lo_h), lo_w=np.int64(lo_w), threaded=bool(threaded))
+  return call(x, kernel, lo_h=np.int64(padding[0][0]), lo_w=np.int64(padding[1][0]),
+              threaded=bool(threaded))
